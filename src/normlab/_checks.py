@@ -1,0 +1,142 @@
+"""Argument checks shared by every front end.
+
+Each check raises ``ValueError`` (or ``TypeError``) with a message that names the bad value and
+says what is expected, so that a user can fix the call without reading our source.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+
+
+def check_eps(eps, *, allow_none: bool = False) -> None:
+    """eps must be a finite number > 0 (it keeps rsqrt(var + eps) finite for constant data)."""
+    if eps is None and allow_none:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"eps must be a positive float, got {eps!r} of type {type(eps).__name__}")
+    if not (math.isfinite(float(eps)) and float(eps) > 0.0):
+        raise ValueError(
+            f"eps must be a finite number > 0 (it keeps 1/sqrt(var + eps) finite for constant "
+            f"data), got eps={eps!r}; use a small positive value such as 1e-5"
+        )
+
+
+def check_momentum(momentum) -> None:
+    """momentum is None (cumulative average) or a number in [0, 1]."""
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+        raise TypeError(
+            f"momentum must be a float in [0, 1] or None, got {momentum!r} of type "
+            f"{type(momentum).__name__}"
+        )
+    if not (0.0 <= float(momentum) <= 1.0):
+        raise ValueError(
+            f"momentum must be in [0, 1] (the weight of the new batch in the running "
+            f"statistics, as in torch.nn) or None for a cumulative average, got momentum={momentum!r}"
+        )
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    return int(value)
+
+
+def check_min_ndim(x, min_ndim: int, what: str, layout: str) -> None:
+    if x.ndim < min_ndim:
+        raise ValueError(
+            f"{what} expects an input of at least {min_ndim} dimensions {layout}, got an input of "
+            f"shape {tuple(x.shape)} ({x.ndim} dimensions); add the missing batch or channel axis"
+        )
+
+
+def check_ndim_in(x, allowed, what: str, layout: str) -> None:
+    if x.ndim not in allowed:
+        allowed_s = " or ".join(str(a) for a in allowed)
+        raise ValueError(
+            f"{what} expects a {allowed_s}-dimensional input {layout}, got an input of shape "
+            f"{tuple(x.shape)} ({x.ndim} dimensions)"
+        )
+
+
+def channel_axis(ndim: int, channels_last: bool) -> int:
+    return ndim - 1 if channels_last else 1
+
+
+def check_channels(x, num_channels: int, channels_last: bool, what: str) -> None:
+    axis = channel_axis(x.ndim, channels_last)
+    if x.shape[axis] != num_channels:
+        where = "last" if channels_last else "second (index 1)"
+        raise ValueError(
+            f"{what} was built for {num_channels} channels but the input of shape "
+            f"{tuple(x.shape)} has {x.shape[axis]} on its {where} axis; pass an input with "
+            f"{num_channels} channels"
+            + ("" if channels_last else " or set channels_last=True for (N, *spatial, C) data")
+        )
+
+
+def check_groups(num_groups: int, num_channels: int) -> None:
+    check_positive_int(num_groups, "num_groups")
+    if num_channels % num_groups != 0:
+        divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+        raise ValueError(
+            f"num_groups={num_groups} does not divide num_channels={num_channels}; "
+            f"choose one of {divisors}"
+        )
+
+
+def check_vector(v, length: int, name: str) -> None:
+    if v is None:
+        return
+    shape = tuple(np.shape(v))
+    if shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},) (one value per channel), got shape {shape}")
+
+
+def check_param_shape(v, shape: tuple, name: str) -> None:
+    if v is None:
+        return
+    got = tuple(np.shape(v))
+    if got != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got shape {got}")
+
+
+def check_values_per_channel(count: int, shape, what: str) -> None:
+    """Batch statistics from one value are meaningless (variance 0, output all zeros)."""
+    if count <= 1:
+        raise ValueError(
+            f"{what} in training needs more than 1 value per channel to compute batch "
+            f"statistics, got an input of shape {tuple(shape)} (i.e. {count} value per channel); "
+            f"use a batch of at least 2 samples, or evaluation mode with running statistics"
+        )
+
+
+def normalized_shape_tuple(normalized_shape) -> tuple:
+    if isinstance(normalized_shape, (int, np.integer)):
+        normalized_shape = (int(normalized_shape),)
+    try:
+        shape = tuple(int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(
+            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        ) from None
+    if len(shape) == 0 or any(s <= 0 for s in shape):
+        raise ValueError(
+            f"normalized_shape must be a non-empty sequence of positive ints, got {normalized_shape!r}"
+        )
+    return shape
+
+
+def check_normalized_shape(x, normalized_shape: tuple, what: str) -> None:
+    k = len(normalized_shape)
+    if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(normalized_shape):
+        raise ValueError(
+            f"{what} normalizes over the trailing dimensions {tuple(normalized_shape)}, but the "
+            f"input has shape {tuple(x.shape)}; the input's last {k} dimension(s) must equal "
+            f"normalized_shape"
+        )

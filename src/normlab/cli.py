@@ -1,0 +1,79 @@
+"""Command line: ``normlab info``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from importlib import metadata
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in ("avx2", "fma", "avx512f", "avx512bw") if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def info_lines() -> list[str]:
+    import normlab
+
+    lines = [f"normlab {normlab.__version__}",
+             f"python {platform.python_version()} ({sys.executable})",
+             f"platform {platform.platform()}"]
+    for dist in ("numpy", "numba", "torch", "triton", "scikit-learn", "matplotlib", "mnist1d"):
+        lines.append(f"  {dist:<13} {_version(dist)}")
+    lines.append(f"cpu {_cpu_model()}; {os.cpu_count()} logical cores; "
+                 f"vector units: {', '.join(_cpu_flags()) or 'unknown'}")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                lines.append(f"gpu {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB")
+        else:
+            lines.append("gpu none (torch.cuda.is_available() is False)")
+    except Exception as e:  # torch missing or broken: say so, do not hide it
+        lines.append(f"gpu unknown (torch not importable: {e})")
+    lines.append("backends: reference (NumPy float64, always available)")
+    lines.append(f"NORMLAB_BACKEND={os.environ.get('NORMLAB_BACKEND', '(unset)')}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions, backends and CPU/GPU facts")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""normlab.reference: the float64 NumPy specification of every method.
+
+Pure functions, no classes, no torch. ``<method>_forward(x, ...) -> (y, cache)`` and
+``<method>_backward(dy, cache) -> (dx, dweight, dbias)`` (None for an absent parameter).
+Outputs are float64 whatever the input dtype: this is the yardstick the fast paths are
+measured against.
+"""
+
+from .batch_norm import batch_norm_backward, batch_norm_forward
+from .batch_renorm import batch_renorm_backward, batch_renorm_forward
+from .group_norm import group_norm_backward, group_norm_forward
+from .instance_norm import instance_norm_backward, instance_norm_forward
+from .layer_norm import layer_norm_backward, layer_norm_forward
+from .moments import chan_merge, finalize, moments, running_stats_update, summarize
+from .rms_norm import rms_norm_backward, rms_norm_forward
+
+__all__ = [
+    "batch_norm_forward", "batch_norm_backward",
+    "batch_renorm_forward", "batch_renorm_backward",
+    "group_norm_forward", "group_norm_backward",
+    "instance_norm_forward", "instance_norm_backward",
+    "layer_norm_forward", "layer_norm_backward",
+    "rms_norm_forward", "rms_norm_backward",
+    "moments", "summarize", "chan_merge", "finalize", "running_stats_update",
+]
