@@ -117,19 +117,39 @@ def check_values_per_channel(count: int, shape, what: str) -> None:
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple:
-    if isinstance(normalized_shape, (int, np.integer)):
+    """An int or a sequence of ints, as torch accepts; no silent conversion of "32" or 2.5."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    if is_int(normalized_shape):
         normalized_shape = (int(normalized_shape),)
-    try:
-        shape = tuple(int(s) for s in normalized_shape)
-    except TypeError:
+    if isinstance(normalized_shape, (str, bytes)) or not hasattr(normalized_shape, "__iter__"):
         raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        ) from None
+            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r} "
+            f"of type {type(normalized_shape).__name__}; pass e.g. normalized_shape=(32,)"
+        )
+    entries = tuple(normalized_shape)
+    bad = [v for v in entries if not is_int(v)]
+    if bad:
+        raise TypeError(
+            f"normalized_shape must be a sequence of ints, got {normalized_shape!r} whose entry "
+            f"{bad[0]!r} is of type {type(bad[0]).__name__}; pass ints such as (3, 2)"
+        )
+    shape = tuple(int(s) for s in entries)
     if len(shape) == 0 or any(s <= 0 for s in shape):
         raise ValueError(
             f"normalized_shape must be a non-empty sequence of positive ints, got {normalized_shape!r}"
         )
     return shape
+
+
+def check_real(value, name: str) -> float:
+    """A real number (not bool, not a string); returns it as float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
+        raise TypeError(
+            f"{name} must be a real number, got {name}={value!r} of type {type(value).__name__}"
+        )
+    return float(value)
 
 
 def check_normalized_shape(x, normalized_shape: tuple, what: str) -> None:

@@ -68,16 +68,19 @@ def batch_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps: f
         _checks.check_values_per_channel(count, x.shape, "batch_norm")
         xhat, m, v, rstd = centered_forward(xc, axes, eps)    # (N, C, *S), (1, C, 1..) x3
     else:
-        if np.any(as_f64(var) < 0):
-            raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
+        bad = ~(as_f64(var) >= 0)                            # negative or NaN
+        if np.any(bad):
+            raise ValueError(
+                f"batch_norm: the given var has a negative or NaN entry (a variance must be >= 0), got var[{int(np.argmax(bad))}]="
+                f"{float(as_f64(var)[bad][0])!r}; pass the running variance, not a log-variance or std")
         m = channel_view(mean, xc.ndim)                      # (1, C, 1..)
         v = channel_view(var, xc.ndim)                       # (1, C, 1..)
         rstd = 1.0 / np.sqrt(v + eps)                        # (1, C, 1..)
         xhat = (xc - m) * rstd                               # (N, C, *S)
     y = affine(xhat, weight, bias, xc.ndim)                  # (N, C, *S)
     cache = dict(xhat=xhat, rstd=rstd, axes=axes, training=training, channels_last=channels_last,
-                 weight=None if weight is None else as_f64(weight), has_bias=bias is not None,
-                 mean=m.reshape(C), var=v.reshape(C), count=count)
+                 weight=None if weight is None else np.array(weight, dtype=np.float64), has_bias=bias is not None,
+                 mean=np.array(m.reshape(C)), var=np.array(v.reshape(C)), count=count)
     return from_channels_first(y, channels_last), cache
 
 

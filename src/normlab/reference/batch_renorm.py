@@ -48,6 +48,8 @@ def batch_renorm_forward(x, running_mean, running_var, weight=None, bias=None, *
     x = np.asarray(x)
     _checks.check_min_ndim(x, 2, "batch_renorm", "(N, C, *spatial)")
     _checks.check_eps(eps)
+    r_max = _checks.check_real(r_max, "r_max")
+    d_max = _checks.check_real(d_max, "d_max")
     if not (np.isfinite(r_max) and r_max >= 1.0):
         raise ValueError(f"r_max must be a finite number >= 1 (r is clipped to [1/r_max, r_max]), got r_max={r_max!r}")
     if not (np.isfinite(d_max) and d_max >= 0.0):
@@ -73,7 +75,7 @@ def batch_renorm_forward(x, running_mean, running_var, weight=None, bias=None, *
     y = affine(xhat, weight, bias, xc.ndim)
     cache = dict(xhat=xhat, xhat_b=xhat_b, rstd=rstd_b, r=r.reshape(C), d=d.reshape(C),
                  r_b=r, axes=axes, channels_last=channels_last,
-                 weight=None if weight is None else as_f64(weight), has_bias=bias is not None,
+                 weight=None if weight is None else np.array(weight, dtype=np.float64), has_bias=bias is not None,
                  mean=mean_b.reshape(C), var=var_b.reshape(C), count=count)
     return from_channels_first(y, channels_last), cache
 

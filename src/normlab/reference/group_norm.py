@@ -45,13 +45,17 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, *, eps: float
     _checks.check_vector(weight, C, "weight")
     _checks.check_vector(bias, C, "bias")
     G = int(num_groups)
-    xg = xc.reshape(N, G, C // G, -1)                         # (N, G, C/G, S)
+    S = int(np.prod(xc.shape[2:], dtype=np.int64))
+    if S == 0:
+        raise ValueError(f"group_norm needs at least one spatial element, got an input of shape "
+                         f"{tuple(x.shape)} with an empty spatial dimension")
+    xg = xc.reshape(N, G, C // G, S)                          # (N, G, C/G, S); N may be 0
     axes = (2, 3)
     xhat, mean, var, rstd = centered_forward(xg, axes, eps)   # (N, G, C/G, S), (N, G, 1, 1) x3
     xhat = xhat.reshape(xc.shape)                             # (N, C, *S)
     y = affine(xhat, weight, bias, xc.ndim)
     cache = dict(xhat=xhat, rstd=rstd, G=G, channels_last=channels_last,
-                 weight=None if weight is None else as_f64(weight), has_bias=bias is not None,
+                 weight=None if weight is None else np.array(weight, dtype=np.float64), has_bias=bias is not None,
                  mean=mean.reshape(N, G), var=var.reshape(N, G))
     return from_channels_first(y, channels_last), cache
 
@@ -63,7 +67,8 @@ def group_norm_backward(dy, cache):
     N, C = dy.shape[:2]
     G, w, xhat = cache["G"], cache["weight"], cache["xhat"]
     g = dy if w is None else dy * channel_view(w, dy.ndim)
-    dxg = centered_backward(g.reshape(N, G, C // G, -1), xhat.reshape(N, G, C // G, -1),
+    S = int(np.prod(dy.shape[2:], dtype=np.int64))
+    dxg = centered_backward(g.reshape(N, G, C // G, S), xhat.reshape(N, G, C // G, S),
                             cache["rstd"], (2, 3))            # (N, G, C/G, S)
     axes = (0,) + tuple(range(2, dy.ndim))
     dweight = None if w is None else (dy * xhat).sum(axis=axes)

@@ -40,7 +40,11 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     """
     x = np.asarray(x)
     _checks.check_min_ndim(x, 3, "instance_norm", "(N, C, *spatial) with at least one spatial dim")
-    if mean is not None or var is not None:
+    if (mean is None) != (var is None):
+        raise ValueError("instance_norm needs both mean and var (given statistics) or neither "
+                         f"(instance statistics); got mean={'None' if mean is None else 'an array'} "
+                         f"and var={'None' if var is None else 'an array'}")
+    if mean is not None:
         y, cache = batch_norm_forward(x, weight, bias, mean=mean, var=var, eps=eps,
                                       channels_last=channels_last)
         cache["kind"] = "given"
@@ -60,7 +64,7 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     xhat, m, v, rstd = centered_forward(xc, axes, eps)        # (N, C, *S), (N, C, 1..) x3
     y = affine(xhat, weight, bias, xc.ndim)
     cache = dict(kind="instance", xhat=xhat, rstd=rstd, axes=axes, channels_last=channels_last,
-                 weight=None if weight is None else as_f64(weight), has_bias=bias is not None,
+                 weight=None if weight is None else np.array(weight, dtype=np.float64), has_bias=bias is not None,
                  mean=m.reshape(N, C), var=v.reshape(N, C), count=spatial)
     return from_channels_first(y, channels_last), cache
 

@@ -47,7 +47,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, *, eps: floa
         y = y + as_f64(bias)
     lead = tuple(range(x.ndim - len(shape)))
     cache = dict(xhat=xhat, rstd=rstd, axes=axes, lead=lead,
-                 weight=None if weight is None else as_f64(weight), has_bias=bias is not None,
+                 weight=None if weight is None else np.array(weight, dtype=np.float64), has_bias=bias is not None,
                  mean=mean, var=var)
     return y, cache
 

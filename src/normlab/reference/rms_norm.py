@@ -26,12 +26,24 @@ __all__ = ["rms_norm_forward", "rms_norm_backward"]
 
 
 def resolve_rms_eps(eps, dtype) -> float:
-    """``eps=None`` -> ``finfo(dtype).eps`` (float64's for non-float input), as torch does."""
+    """``eps=None`` -> the machine epsilon of the dtype torch computes in.
+
+    That is ``finfo(dtype).eps`` for float32 and wider, float32's for float16 and bfloat16
+    (torch accumulates those in float32 and takes the epsilon of that type), and float64's
+    for non-float input (the reference computes it in float64).
+    """
     if eps is not None:
         _checks.check_eps(eps)
         return float(eps)
-    dtype = np.dtype(dtype)
-    return float(np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:          # e.g. a torch dtype such as torch.bfloat16
+        dtype = np.dtype(np.float32) if getattr(dtype, "is_floating_point", False) else np.dtype(np.float64)
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.dtype(np.float64)
+    elif dtype.itemsize < 4:
+        dtype = np.dtype(np.float32)
+    return float(np.finfo(dtype).eps)
 
 
 def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None):
@@ -53,7 +65,7 @@ def rms_norm_forward(x, normalized_shape, weight=None, *, eps=None):
     xhat, ms, rstd = uncentered_forward(xf, axes, eps)        # (*lead, *shape), (*lead, 1..) x2
     y = xhat if weight is None else xhat * as_f64(weight)
     cache = dict(xhat=xhat, rstd=rstd, axes=axes, lead=tuple(range(x.ndim - len(shape))),
-                 weight=None if weight is None else as_f64(weight), ms=ms, eps=eps)
+                 weight=None if weight is None else np.array(weight, dtype=np.float64), ms=ms, eps=eps)
     return y, cache
 
 
