@@ -1,0 +1,119 @@
+"""Arrays in, arrays out: the conversions every backend shares.
+
+* NumPy arrays are used as they are when they are C-contiguous.
+* CPU torch tensors become NumPy views of the same memory (``t.detach().numpy()``: no copy,
+  autograd history dropped); results come back as torch tensors wrapping the result arrays
+  (``torch.from_numpy``: no copy). A tensor on another device raises ``ValueError``.
+* Non-contiguous input is made contiguous in the layout it is nearest: an ``(N, C, *spatial)``
+  array whose memory is channels-last (``np.moveaxis(x, 1, -1)`` is contiguous: e.g. a torch
+  tensor in ``torch.channels_last`` format) is processed as channels-last without a copy and
+  its outputs come back in the same memory layout, and the other way round; anything else is
+  copied with ``np.ascontiguousarray`` in the layout the caller declared. Never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+#: dtypes the fused CPU kernels run natively
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def is_tensor(a) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+def to_numpy(a, name: str):
+    """``a`` as a NumPy array sharing its memory (None stays None)."""
+    if a is None:
+        return None
+    if is_tensor(a):
+        if a.device.type != "cpu":
+            raise ValueError(
+                f"{name} is a tensor on device {a.device}; the CPU kernels need CPU memory: "
+                f"move it with .cpu(), or use get_backend(device={a.device.type!r})")
+        a = a.detach()
+        if a.is_conj():
+            a = a.resolve_conj()
+        if a.is_neg():
+            a = a.resolve_neg()
+        try:
+            return a.numpy()
+        except TypeError:
+            raise TypeError(
+                f"{name} has dtype {a.dtype}, which has no NumPy equivalent; the CPU kernels "
+                f"support float32 and float64: cast with .float(), or use the torch backend "
+                f"(normlab.nn) for half precision") from None
+    return np.asarray(a)
+
+
+def from_numpy(a, as_tensor: bool):
+    """Results back to the caller's array type (torch.from_numpy shares memory)."""
+    if a is None or not as_tensor:
+        return a
+    return _torch().from_numpy(a)
+
+
+def check_kernel_dtype(x, backend: str) -> np.dtype:
+    dt = x.dtype
+    if dt not in KERNEL_DTYPES:
+        raise TypeError(
+            f"the {backend} backend supports float32 and float64 input, got dtype {dt}; cast the "
+            f"input with x.astype(np.float32) (or .float() for a tensor), or use "
+            f"get_backend('numpy') (the float64 reference, any float dtype) or the torch "
+            f"backend (normlab.nn) for {dt}")
+    return dt
+
+
+def check_float_dtype(x, backend: str) -> np.dtype:
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"the {backend} backend needs floating-point input, got dtype {x.dtype}; cast it with "
+            f"x.astype(np.float32) or x.astype(np.float64)")
+    return x.dtype
+
+
+def vector_f64(v, length: int, name: str, fill: float):
+    """A per-channel parameter as a contiguous float64 (length,) array (``fill`` when None)."""
+    if v is None:
+        return np.full(length, fill)
+    v = to_numpy(v, name)
+    return np.ascontiguousarray(v, dtype=np.float64).reshape(length)
+
+
+def layout(x, channels_last: bool):
+    """``(xp, phys_cl, swapped)``: x as a C-contiguous array in its physical layout.
+
+    ``phys_cl`` says whether ``xp`` is ``(N, *spatial, C)``; ``swapped`` whether that differs
+    from the declared layout (then results are moved back with ``restore``).
+    """
+    if x.ndim < 3:
+        # (N, C): both layouts are the same memory
+        return np.ascontiguousarray(x), False, False
+    if x.flags.c_contiguous:
+        return x, channels_last, False
+    alt = np.moveaxis(x, 1, -1) if not channels_last else np.moveaxis(x, -1, 1)
+    if alt.flags.c_contiguous:
+        return alt, not channels_last, True
+    return np.ascontiguousarray(x), channels_last, False
+
+
+def same_layout(a, phys_cl: bool, declared_cl: bool, swapped: bool):
+    """Put ``a`` (e.g. dy) in the physical layout chosen for x, C-contiguous."""
+    if a.ndim >= 3 and swapped:
+        a = np.moveaxis(a, 1, -1) if not declared_cl else np.moveaxis(a, -1, 1)
+    return np.ascontiguousarray(a)
+
+
+def restore(a, declared_cl: bool, swapped: bool):
+    """Inverse of ``layout``/``same_layout``: a view in the caller's logical layout."""
+    if not swapped:
+        return a
+    return np.moveaxis(a, -1, 1) if not declared_cl else np.moveaxis(a, 1, -1)

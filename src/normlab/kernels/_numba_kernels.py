@@ -1,0 +1,864 @@
+r"""The numba kernels: two memory patterns, each with forward-train, forward-from-statistics and
+backward, centered and uncentered.
+
+* **row** (``row_elem_*``, ``row_seg_*``): the values of one statistic are contiguous. A row is
+  read from memory once, its statistics computed and the row normalized while it is in cache.
+  LayerNorm/RMSNorm (per-element affine), GroupNorm/InstanceNorm on (N, C, *S) and BatchNorm's
+  (n, c) planes (per-segment affine).
+* **column** (``col_*``): the channel stays, the reduced values are strided. BatchNorm on
+  (N, *S, C) and (N, C) (and (N, C, inner) with small inner), GroupNorm/InstanceNorm on
+  (N, *S, C). Vectorized across channels.
+
+The arrays are flat 1-D views with the shape passed as integers, the per-channel parameters
+float64 or x's dtype as documented per kernel, so each kernel compiles exactly once per input
+dtype (float32, float64). The work partition (tasks) is fixed by the shape, never by the
+thread count, so results do not depend on the number of threads.
+
+Statistics accumulate in float64 whatever the input dtype (float32 values and their products
+convert exactly). Variances are two-pass over cache-sized blocks (mean first, then squared
+deviations from it, re-read from L1/L2) and blocks merge with Chan's formula, so data with a
+large offset (mean 1e4, std 1) loses nothing to cancellation::
+
+    n = n_a + n_b,  delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+Normalization subtracts the mean as a (hi, lo) pair in x's dtype, ``(x - mh) - ml``: x - mh is
+exact near the mean, so an offset of 1e4 costs float32 no digits of xhat.
+
+Two kinds of reduction loop, and the fast-math flags each may use:
+
+* **column blocks** (``acc_*``): ``nr`` rows of ``w`` contiguous values, ``ld`` apart; one
+  float64 accumulator per column, ``acc[k] += f(x[start + r*ld + k])``. Each column is its own
+  sum, so the loop vectorizes across columns with no reassociation: the summation order is
+  fixed by the code (identical on every machine).
+* **row sums** (``row_*``): one contiguous run summed to a scalar. These loops alone are
+  compiled with ``reassoc``, which lets LLVM split the sum over vector lanes. What that may
+  change is the order in which the float64 terms are added, i.e. rounding; the terms
+  themselves cannot change: ``x - m`` feeds a multiplication (an opaque operand for the
+  reassociation of the sum), and where it is summed directly (``row_bwd_sums``) a regrouping
+  ``(s + x) - m`` rounds at the scale of ``|x|``, keeping ``sum(x - m) / n`` within about one
+  unit in the last place of the mean. Their order may depend on the vector width of the
+  machine, never on the thread count.
+
+Everywhere else the only flag is ``contract`` (a*b + c may become one fused multiply-add: at
+most one rounding of difference, never a lower precision). No ``nnan``/``ninf``: NaN and inf
+propagate as in the reference.
+
+All kernels live in this one file on purpose: numba's on-disk cache is invalidated by the
+source file of the cached function only, so a helper changed in another file would leave stale
+machine code behind in the kernels that inline it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+#: elements per block of the blockwise two-pass row moments (16-32 KiB: stays in L1)
+BLOCK = 4096
+
+SERIAL = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+PARALLEL = dict(SERIAL, parallel=True)
+
+
+@njit(**SERIAL)
+def acc_sum(x, start, nr, ld, w, acc):
+    """``acc[k] += sum_r x[start + r*ld + k]`` in float64."""
+    for r in range(nr):
+        o = start + r * ld
+        seg = x[o:o + w]
+        for k in range(w):
+            acc[k] += seg[k]
+
+
+@njit(**SERIAL)
+def acc_dev2(x, start, nr, ld, w, m, acc):
+    """``acc[k] += sum_r (x[start + r*ld + k] - m[k])^2`` in float64."""
+    for r in range(nr):
+        o = start + r * ld
+        seg = x[o:o + w]
+        for k in range(w):
+            d = np.float64(seg[k]) - m[k]
+            acc[k] += d * d
+
+
+@njit(**SERIAL)
+def acc_bwd(dy, x, start, nr, ld, w, m, a_dy, a_dyxm, a_xm):
+    """Backward sums per column: ``sum dy``, ``sum dy * (x - m[k])``, ``sum (x - m[k])``."""
+    for r in range(nr):
+        o = start + r * ld
+        xs = x[o:o + w]
+        gs = dy[o:o + w]
+        for k in range(w):
+            g = np.float64(gs[k])
+            xm = np.float64(xs[k]) - m[k]
+            a_dy[k] += g
+            a_dyxm[k] += g * xm
+            a_xm[k] += xm
+
+
+# --- one row (n contiguous elements at x[start]) -------------------------------------------
+
+REDUCE = dict(SERIAL, fastmath={"reassoc", "contract"})
+
+
+@njit(**REDUCE)
+def row_sum(x, start, n):
+    """float64 ``sum x[start:start+n]``."""
+    xs = x[start:start + n]        # a slice, so indices run from 0: no wraparound checks
+    s = 0.0
+    for i in range(n):
+        s += np.float64(xs[i])
+    return s
+
+
+@njit(**REDUCE)
+def row_dev2(x, start, n, mean):
+    """float64 ``sum (x - mean)^2`` over ``x[start:start+n]``."""
+    xs = x[start:start + n]
+    s = 0.0
+    for i in range(n):
+        d = np.float64(xs[i]) - mean
+        s += d * d
+    return s
+
+
+@njit(**REDUCE)
+def row_sumsq(x, start, n):
+    """float64 ``sum x^2`` over ``x[start:start+n]``."""
+    xs = x[start:start + n]
+    s = 0.0
+    for i in range(n):
+        v = np.float64(xs[i])
+        s += v * v
+    return s
+
+
+@njit(**SERIAL)
+def row_moments(x, start, n):
+    """``(mean, M2)`` of ``x[start:start+n]``: two-pass per BLOCK, blocks merged with Chan."""
+    mean = 0.0
+    m2 = 0.0
+    cnt = 0
+    for b0 in range(0, n, BLOCK):
+        nb = min(BLOCK, n - b0)
+        mb = row_sum(x, start + b0, nb) / nb
+        m2b = row_dev2(x, start + b0, nb, mb)
+        if cnt == 0:
+            mean = mb
+            m2 = m2b
+        else:
+            tot = cnt + nb
+            delta = mb - mean
+            mean += delta * (nb / tot)
+            m2 += m2b + delta * delta * (cnt * (nb / tot))
+        cnt += nb
+    return mean, m2
+
+
+@njit(**REDUCE)
+def row_bwd_sums(dy, x, start, n, m):
+    """``(sum dy, sum dy (x - m), sum (x - m))`` over one row, float64.
+
+    Reassociation here may also regroup ``s + (x - m)`` as ``(s + x) - m``; each such step
+    rounds at the scale of ``|x|``, so ``sum(x - m) / n`` (the mean refinement) stays within
+    about one unit in the last place of the mean: the precision the mean has anyway.
+    """
+    xs = x[start:start + n]
+    gs = dy[start:start + n]
+    s_dy = 0.0
+    s_dyxm = 0.0
+    s_xm = 0.0
+    for i in range(n):
+        g = np.float64(gs[i])
+        xm = np.float64(xs[i]) - m
+        s_dy += g
+        s_dyxm += g * xm
+        s_xm += xm
+    return s_dy, s_dyxm, s_xm
+
+
+@njit(**REDUCE)
+def row_bwd_sums_w(dy, x, w, start, n, m):
+    """``(sum g, sum g (x - m), sum (x - m))`` over one row with ``g = dy * w[j]``, float64."""
+    xs = x[start:start + n]
+    gs = dy[start:start + n]
+    s_g = 0.0
+    s_gxm = 0.0
+    s_xm = 0.0
+    for j in range(n):
+        g = np.float64(gs[j]) * np.float64(w[j])
+        xm = np.float64(xs[j]) - m
+        s_g += g
+        s_gxm += g * xm
+        s_xm += xm
+    return s_g, s_gxm, s_xm
+
+
+# --- elementwise passes in the input's dtype ------------------------------------------------
+
+@njit(**SERIAL)
+def apply_seg(x, y, start, n, mh, ml, a, c):
+    """``y = ((x - mh) - ml) * a + c`` on ``n`` elements; mean = mh + ml split in x's dtype.
+
+    Subtracting the mean as a (hi, lo) pair keeps float32 exact where it matters: x - mh is
+    exact when x is near the mean (Sterbenz), so an offset of 1e4 costs no digits of xhat.
+    """
+    xs = x[start:start + n]
+    ys = y[start:start + n]
+    for j in range(n):
+        ys[j] = ((xs[j] - mh) - ml) * a + c
+
+
+@njit(**SERIAL)
+def dx_seg(dy, x, dx, start, n, mh, ml, ws, mg, q, rs):
+    """``dx = ((ws * dy - mg) - ((x - mh) - ml) * q) * rs`` on ``n`` elements.
+
+    This is ``rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = ws * dy`` and
+    ``q = rstd * mean(g * xhat)``: the mean of g is subtracted before scaling, as in the
+    reference, so a constant g (e.g. one value per group) gives exactly 0.
+    """
+    xs = x[start:start + n]
+    gs = dy[start:start + n]
+    ds = dx[start:start + n]
+    for j in range(n):
+        ds[j] = ((ws * gs[j] - mg) - ((xs[j] - mh) - ml) * q) * rs
+
+
+# ==============================================================================================
+# Row kernels: the reduced elements of one statistic are contiguous.
+#
+# A row is ``L`` contiguous elements that share one ``(mean, rstd)``; it is read from memory
+# once: its statistics are computed (blockwise two-pass, see ``_numba_core``) and it is
+# normalized while it is still in L1/L2. Rows run in parallel in ``T`` tasks of ``per``
+# consecutive rows (the launcher fixes ``T`` from the shape alone, so results never depend on
+# the thread count).
+#
+# Two affine index maps cover every row method:
+#
+# * **element** (LayerNorm, RMSNorm): ``x`` is ``(R, L)``, the affine is per element of the row:
+#   ``y[r, j] = xhat[r, j] * w[j] + b[j]``; ``dweight`` reduces over rows (per-task partials).
+# * **segment** (GroupNorm, InstanceNorm on ``(N, C, *spatial)``; BatchNorm's ``(n, c)`` planes):
+#   a row is ``S`` segments of ``Ls`` elements, segment ``s`` of row ``r`` is channel
+#   ``(r % P) * S + s``: GroupNorm rows are ``(n, g)`` with ``P = G``, ``S = C/G``; InstanceNorm
+#   and BatchNorm rows are ``(n, c)`` with ``P = C``, ``S = 1``.
+#
+# Math (names as in ``normlab.reference``), per row of ``L`` elements, ``g = dy * w``::
+#
+#     mean = sum(x) / L,  var = sum((x - mean)^2) / L,  rstd = 1 / sqrt(var + eps)
+#     y    = (x - mean) * rstd * w + b
+#     dx   = rstd * (g - mean(g) - xhat * mean(g * xhat))
+#          = ((g - mean(g)) - (x - mean) * q) * rstd,    q = rstd * mean(g * xhat)
+#
+# Backward mean refinement: the saved ``mean`` arrives rounded to x's dtype. Pass 1 also sums
+# ``x - mean``, which gives the exact batch mean ``mu = mean + sum(x - mean) / L`` at no extra
+# pass, and ``sum(g (x - mu)) = sum(g (x - mean)) - (mu - mean) sum(g)``; pass 2 centres at ``mu``.
+# ==============================================================================================
+# modes: row_seg_forward and col_forward_* take TRAIN, STATS (row only) or APPLY;
+# row_seg_backward takes FUSED, SUMS or APPLY
+TRAIN, STATS, APPLY = 0, 1, 2
+FUSED, SUMS = 0, 1
+
+
+@njit(**PARALLEL)
+def row_elem_forward(x, R, L, T, per, w, b, eps, centered, y, mean_out, rstd_out):
+    """LayerNorm (centered) / RMSNorm (not) forward, statistics from x.
+
+    x, y: (R * L,) flat, row-major (R, L).  w, b: (L,) in x's dtype (ones / zeros for no affine).
+    mean_out, rstd_out: (R,) float64 (mean_out is 0 for RMSNorm).
+    """
+    for it in prange(T):
+        t = np.int64(it)
+        for r in range(t * per, min(R, (t + 1) * per)):
+            s = r * L
+            if centered:
+                mean, m2 = row_moments(x, s, L)
+            else:
+                mean = 0.0
+                m2 = row_sumsq(x, s, L)
+            rstd = 1.0 / np.sqrt(m2 / L + eps)
+            mean_out[r] = mean
+            rstd_out[r] = rstd
+            mh = x.dtype.type(mean)
+            ml = x.dtype.type(mean - mh)
+            rs = x.dtype.type(rstd)
+            xs = x[s:s + L]
+            ys = y[s:s + L]
+            for j in range(L):
+                ys[j] = ((xs[j] - mh) - ml) * rs * w[j] + b[j]
+
+
+@njit(**PARALLEL)
+def row_elem_backward(dy, x, R, L, T, per, w, mean, rstd, centered, param_grads, dx, dwp, dbp):
+    """LayerNorm / RMSNorm backward, one read of (x, dy) per row, dx written once.
+
+    w: (L,) x's dtype.  mean, rstd: (R,) float64.  dwp, dbp: (T * L,) float64 work arrays:
+    per-task partial sums of dy * xhat and dy (summed over tasks by the caller) when
+    ``param_grads`` (each task zeroes its own slice).
+    """
+    for it in prange(T):
+        t = np.int64(it)
+        dwt = dwp[t * L:(t + 1) * L]
+        dbt = dbp[t * L:(t + 1) * L]
+        if param_grads:
+            for j in range(L):
+                dwt[j] = 0.0
+                dbt[j] = 0.0
+        for r in range(t * per, min(R, (t + 1) * per)):
+            s = r * L
+            xs = x[s:s + L]
+            gs = dy[s:s + L]
+            ds = dx[s:s + L]
+            m = mean[r] if centered else 0.0
+            rs64 = rstd[r]
+            # pass 1: sum g, sum g (x - m), sum (x - m), with g = dy * w per element
+            sg, sgxm, sxm = row_bwd_sums_w(dy, x, w, s, L, m)
+            if centered:
+                delta = sxm / L                          # mu - mean: exact batch mean
+                mu = m + delta
+                mg = sg / L
+                mgx = rs64 * (sgxm - delta * sg) / L
+            else:
+                mu = 0.0
+                mg = 0.0
+                mgx = rs64 * sgxm / L
+            mh = x.dtype.type(mu)
+            ml = x.dtype.type(mu - mh)
+            rs = x.dtype.type(rs64)
+            cg = x.dtype.type(mg)
+            q = x.dtype.type(rs64 * mgx)
+            # pass 2: dx (and the parameter-gradient partials) while the row is in cache
+            if param_grads:
+                for j in range(L):
+                    xm = (xs[j] - mh) - ml
+                    ds[j] = ((gs[j] * w[j] - cg) - xm * q) * rs
+                    gj = np.float64(gs[j])
+                    dwt[j] += gj * (np.float64(xm) * rs64)
+                    dbt[j] += gj
+            else:
+                for j in range(L):
+                    ds[j] = ((gs[j] * w[j] - cg) - ((xs[j] - mh) - ml) * q) * rs
+
+
+@njit(**PARALLEL)
+def row_seg_forward(x, R, S, Ls, P, T, per, w, b, eps, mode, t_mean, t_rstd, y, mean_out, m2_out):
+    """GroupNorm / InstanceNorm (channels-first) and BatchNorm-plane forward.
+
+    x, y: (R * S * Ls,) flat.  w, b: (P * S,) float64.  mode TRAIN: statistics of each row,
+    then normalize it; STATS: statistics only (mean_out, m2_out: (R,) float64, M2 = sum of
+    squared deviations); APPLY: normalize with the given t_mean, t_rstd (P,) float64 of row
+    ``r % P``.
+    """
+    L = S * Ls
+    for it in prange(T):
+        t = np.int64(it)
+        for r in range(t * per, min(R, (t + 1) * per)):
+            s0 = r * L
+            p = r % P
+            if mode == APPLY:
+                mean = t_mean[p]
+                rstd = t_rstd[p]
+            else:
+                mean, m2 = row_moments(x, s0, L)
+                mean_out[r] = mean
+                m2_out[r] = m2
+                rstd = 1.0 / np.sqrt(m2 / L + eps)
+            if mode != STATS:
+                mh = x.dtype.type(mean)
+                ml = x.dtype.type(mean - mh)
+                for s in range(S):
+                    c = p * S + s
+                    apply_seg(x, y, s0 + s * Ls, Ls, mh, ml, x.dtype.type(rstd * w[c]),
+                              x.dtype.type(b[c]))
+
+
+@njit(**PARALLEL)
+def row_seg_backward(dy, x, R, S, Ls, P, T, per, w, mean, rstd, mode, t_mg, t_mgx, dx,
+                     o_sdy, o_sdyx, o_sxm):
+    """Backward of ``row_seg_forward``.
+
+    mode FUSED (GroupNorm / InstanceNorm): ``mean``, ``rstd`` are (R,) per row; writes dx and,
+    per segment, ``o_sdy[r*S+s] = sum dy`` and ``o_sdyx[r*S+s] = sum dy * xhat`` (for dweight).
+    mode SUMS (BatchNorm planes, pass 1): ``mean`` is (P,) per ``r % P``; writes per segment
+    ``o_sdy = sum dy``, ``o_sdyx = sum dy (x - mean)`` and per row ``o_sxm = sum (x - mean)``.
+    mode APPLY (BatchNorm planes, pass 2): ``mean`` (the refined batch mean), ``rstd``,
+    ``t_mg = mean(g)``, ``t_mgx = mean(g * xhat)`` are (P,); writes dx only (zeros in t_mg and
+    t_mgx give the inference gradient ``dx = rstd * w * dy``).
+    w: (P * S,) float64.
+    """
+    L = S * Ls
+    for it in prange(T):
+        t = np.int64(it)
+        for r in range(t * per, min(R, (t + 1) * per)):
+            s0 = r * L
+            p = r % P
+            if mode == FUSED:
+                m = mean[r]
+                rs64 = rstd[r]
+            else:
+                m = mean[p]
+                rs64 = rstd[p]
+            if mode == APPLY:
+                mu = m
+                mg = t_mg[p]
+                mgx = t_mgx[p]
+            else:
+                sg = 0.0
+                sgxm = 0.0
+                sxm = 0.0
+                for s in range(S):
+                    sdy, sdyxm, sx = row_bwd_sums(dy, x, s0 + s * Ls, Ls, m)
+                    o_sdy[r * S + s] = sdy
+                    o_sdyx[r * S + s] = sdyxm
+                    sg += w[p * S + s] * sdy
+                    sgxm += w[p * S + s] * sdyxm
+                    sxm += sx
+                if mode == SUMS:
+                    o_sxm[r] = sxm
+                    continue
+                delta = sxm / L
+                mu = m + delta
+                mg = sg / L
+                mgx = rs64 * (sgxm - delta * sg) / L
+                for s in range(S):
+                    o_sdyx[r * S + s] = rs64 * (o_sdyx[r * S + s] - delta * o_sdy[r * S + s])
+            mh = x.dtype.type(mu)
+            ml = x.dtype.type(mu - mh)
+            cg = x.dtype.type(mg)
+            q = x.dtype.type(rs64 * mgx)
+            rs = x.dtype.type(rs64)
+            for s in range(S):
+                dx_seg(dy, x, dx, s0 + s * Ls, Ls, mh, ml, x.dtype.type(w[p * S + s]), cg, q, rs)
+
+
+# ==============================================================================================
+# Column kernels: the channel stays, the reduced elements are strided.
+#
+# The input is ``B`` slabs of ``(R, K)`` row-major data (flat). Column ``k`` of slab ``b`` is
+# reduced over the slab's ``R`` rows; groups of ``gs`` consecutive columns share one statistic
+# and column ``k`` takes the affine parameters of channel ``k // wd``:
+#
+# =====================================  =========  ==========  ========  ====  =====
+# method / layout                        B          R           K         gs    wd
+# =====================================  =========  ==========  ========  ====  =====
+# BatchNorm channels-last / (N, C)       1          N * S       C         1     1
+# BatchNorm (N, C, inner), small inner   1          N           C*inner   inner inner
+# InstanceNorm channels-last             N          S           C         1     1
+# GroupNorm channels-last                N          S           C         C/G   1
+# =====================================  =========  ==========  ========  ====  =====
+#
+# A slab is cut into tasks (chunk of ``rc`` rows) x (tile of ``kt`` columns, whole groups),
+# fixed by the shape alone, so results never depend on the thread count:
+#
+# 1. ``chunk_moments``: per-column ``(mean, M2)`` of one chunk, two-pass in float64 (the chunk,
+#    at most 256 KiB, is re-read from L2); narrow slabs read ``m`` rows as one wide row;
+# 2. ``merge_tile``: chunks merge with Chan's formula in chunk order; columns fold into groups
+#    (``mean_g = mean of the column means``, ``M2_g = sum M2_k + R * sum (mean_k - mean_g)^2``);
+#    per-column coefficients are written in x's dtype;
+# 3. ``apply_rows``: ``y = ((x - mh) - ml) * a + c`` row by row (mean split hi + lo).
+#
+# Scheduling (one parallel region per pass; each region is a barrier, so fewer is better):
+#
+# * ``col_*_slabs`` (many slabs: InstanceNorm / GroupNorm with a batch of samples): one task
+#   per slab runs 1-2-3 serially, so a sample is re-read from L2/L3 by pass 3: one parallel
+#   region.
+# * ``col_*_chunks`` (BatchNorm: one slab; few big slabs): pass 1 over all chunks in parallel,
+#   pass 2 serially (it touches only the (chunks, K) partials), pass 3 over all chunks in
+#   parallel.
+#   BatchNorm's statistics need all of x before any output, so x is read twice from memory.
+#
+# Backward (per group, ``M = R * gs`` values, ``g = dy * w``)::
+#
+#     pass 1: sum dy, sum dy (x - mean), sum (x - mean)        per column, float64
+#     mu      = mean + sum(x - mean) / M                        (exact batch mean; training)
+#     mean_g  = sum(w dy) / M,  mean_gx = rstd * (sum(w dy (x - mean)) - (mu - mean) sum(w dy)) / M
+#     pass 2: dx = ((w dy - mean_g) - (x - mu) * rstd * mean_gx) * rstd
+#     dweight_k = rstd * (sum dy (x - mean) - (mu - mean) sum dy),  dbias_k = sum dy
+# ==============================================================================================
+
+
+# --- forward passes ---------------------------------------------------------------------------
+
+@njit(**SERIAL)
+def fold_lanes(acc, m, kw, out):
+    """``out[k] = sum_i acc[i*kw + k]`` (the m lanes of each column, in order)."""
+    for k in range(kw):
+        out[k] = acc[k]
+    for i in range(1, m):
+        for k in range(kw):
+            out[k] += acc[i * kw + k]
+
+
+@njit(**SERIAL)
+def chunk_moments(x, b, t, j, R, K, rc, kt, m, pm, pm2, p0):
+    """Pass 1 for chunk t, tile j of slab b: column means into pm[p0:], M2 into pm2[p0:].
+
+    ``m > 1`` (narrow slabs, then one tile): m consecutive rows are read as one wide row of
+    m*K lanes, so that the vector loop runs over m*K values rather than K; the m lanes of a
+    column are added up afterwards. Rows left over (fewer than m) are read one at a time.
+    """
+    r0 = t * rc
+    nr = min(rc, R - r0)
+    k0 = j * kt
+    kw = min(kt, K - k0)
+    start = (b * R + r0) * K + k0
+    nw = nr // m
+    W = m * kw
+    tail = start + nw * m * K
+    acc = np.zeros(W)
+    acc_sum(x, start, nw, m * K, W, acc)
+    acc_sum(x, tail, nr - nw * m, K, kw, acc)
+    mch = pm[p0:p0 + kw]
+    m2ch = pm2[p0:p0 + kw]
+    fold_lanes(acc, m, kw, mch)
+    for k in range(kw):
+        mch[k] = mch[k] / nr
+    mrep = np.empty(W)
+    for i in range(W):
+        mrep[i] = mch[i % kw]
+        acc[i] = 0.0
+    acc_dev2(x, start, nw, m * K, W, mrep, acc)
+    acc_dev2(x, tail, nr - nw * m, K, kw, mrep, acc)
+    fold_lanes(acc, m, kw, m2ch)
+
+
+@njit(**SERIAL)
+def merge_tile(x, b, j, R, K, gs, wd, Tr, rc, kt, w, bias, eps, mode, pm, pm2, q0,
+               t_mean, t_rstd, mean_out, m2_out, th, tl, ta, tc, c0):
+    """Pass 2 for tile j of slab b; chunk partials at pm[q0 + t*K + k], tables at th[c0 + k]."""
+    G = K // gs
+    k0 = j * kt
+    kw = min(kt, K - k0)
+    mean = pm[q0 + k0:q0 + k0 + kw]
+    m2 = pm2[q0 + k0:q0 + k0 + kw]
+    if mode == TRAIN:
+        cnt = min(rc, R)
+        for t in range(1, Tr):
+            nt = min(rc, R - t * rc)
+            tot = cnt + nt
+            f = nt / tot
+            h = cnt * f
+            pt = q0 + t * K + k0
+            mt = pm[pt:pt + kw]
+            m2t = pm2[pt:pt + kw]
+            for k in range(kw):
+                d = mt[k] - mean[k]
+                mean[k] += d * f
+                m2[k] += m2t[k] + d * d * h
+            cnt = tot
+    for g in range(k0 // gs, (k0 + kw) // gs):
+        q = b * G + g
+        if mode == TRAIN:
+            gm = 0.0
+            for k in range(g * gs - k0, (g + 1) * gs - k0):
+                gm += mean[k]
+            gm /= gs
+            gm2 = 0.0
+            dev = 0.0
+            for k in range(g * gs - k0, (g + 1) * gs - k0):
+                gm2 += m2[k]
+                d = mean[k] - gm
+                dev += d * d
+            gm2 += R * dev
+            mean_out[q] = gm
+            m2_out[q] = gm2
+            rstd = 1.0 / np.sqrt(gm2 / (R * gs) + eps)
+        else:
+            gm = t_mean[q]
+            rstd = t_rstd[q]
+        mh = x.dtype.type(gm)
+        ml = x.dtype.type(gm - mh)
+        for k in range(g * gs, (g + 1) * gs):
+            th[c0 + k] = mh
+            tl[c0 + k] = ml
+            ta[c0 + k] = rstd * w[k // wd]
+            tc[c0 + k] = bias[k // wd]
+
+
+@njit(**SERIAL)
+def apply_rows(x, y, b, t, R, K, rc, m, th, tl, ta, tc, c0):
+    """Pass 3 for chunk t of slab b: y = ((x - th) - tl) * ta + tc, m rows at a time."""
+    r0 = t * rc
+    nr = min(rc, R - r0)
+    W = m * K
+    hb = np.empty(W, dtype=x.dtype)
+    lb = np.empty(W, dtype=x.dtype)
+    ab = np.empty(W, dtype=x.dtype)
+    cb = np.empty(W, dtype=x.dtype)
+    for i in range(W):
+        k = c0 + i % K
+        hb[i] = th[k]
+        lb[i] = tl[k]
+        ab[i] = ta[k]
+        cb[i] = tc[k]
+    o = (b * R + r0) * K
+    end = o + nr * K
+    while o < end:
+        n = min(W, end - o)
+        xs = x[o:o + n]
+        ys = y[o:o + n]
+        for k in range(n):
+            ys[k] = ((xs[k] - hb[k]) - lb[k]) * ab[k] + cb[k]
+        o += n
+
+
+@njit(**PARALLEL)
+def col_forward_slabs(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mean_out,
+                      m2_out, rc, kt, m):
+    """Column forward. w, b: (K // wd,) float64.
+
+    mode TRAIN: statistics from x; mean_out, m2_out: (B * G,) float64 (M2 = sum of squared
+    deviations over R * gs values). mode APPLY: statistics given as t_mean, t_rstd (B * G,).
+
+    One task per slab (``per_slab`` scheduling); no work buffer.
+    """
+    Tr = (R + rc - 1) // rc
+    Tk = (K + kt - 1) // kt
+    zero = Tr - Tr          # an int64 0 (a literal 0 would compile another specialization)
+    for ib in prange(B):
+        bb = np.int64(ib)
+        pm = np.empty(Tr * K if mode == TRAIN else 0)
+        pm2 = np.empty(Tr * K if mode == TRAIN else 0)
+        th = np.empty(K, dtype=x.dtype)
+        tl = np.empty(K, dtype=x.dtype)
+        ta = np.empty(K, dtype=x.dtype)
+        tc = np.empty(K, dtype=x.dtype)
+        if mode == TRAIN:
+            for t in range(Tr):
+                for j in range(Tk):
+                    chunk_moments(x, bb, t, j, R, K, rc, kt, m, pm, pm2, t * K + j * kt)
+        for j in range(Tk):
+            merge_tile(x, bb, j, R, K, gs, wd, Tr, rc, kt, w, b, eps, mode, pm, pm2, zero,
+                       t_mean, t_rstd, mean_out, m2_out, th, tl, ta, tc, zero)
+        for t in range(Tr):
+            apply_rows(x, y, bb, t, R, K, rc, m, th, tl, ta, tc, zero)
+
+
+@njit(**PARALLEL)
+def col_forward_chunks(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mean_out,
+                       m2_out, rc, kt, m, work):
+    """Column forward. w, b: (K // wd,) float64.
+
+    mode TRAIN: statistics from x; mean_out, m2_out: (B * G,) float64 (M2 = sum of squared
+    deviations over R * gs values). mode APPLY: statistics given as t_mean, t_rstd (B * G,).
+
+    Chunked scheduling; ``work``: float64 buffer of 2 * B * Tr * K values (TRAIN).
+    """
+    Tr = (R + rc - 1) // rc
+    Tk = (K + kt - 1) // kt
+    npart = B * Tr * K if mode == TRAIN else 0
+    pm = work[:npart]                 # chunk partials: caller's reusable buffer (2 * npart)
+    pm2 = work[npart:2 * npart]
+    th = np.empty(B * K, dtype=x.dtype)
+    tl = np.empty(B * K, dtype=x.dtype)
+    ta = np.empty(B * K, dtype=x.dtype)
+    tc = np.empty(B * K, dtype=x.dtype)
+    if mode == TRAIN:
+        for itask in prange(B * Tr * Tk):
+            task = np.int64(itask)
+            bb = task // (Tr * Tk)
+            t = (task // Tk) % Tr
+            j = task % Tk
+            chunk_moments(x, bb, t, j, R, K, rc, kt, m, pm, pm2, (bb * Tr + t) * K + j * kt)
+    for bb in range(B):
+        for j in range(Tk):
+            merge_tile(x, bb, j, R, K, gs, wd, Tr, rc, kt, w, b, eps, mode, pm, pm2, bb * Tr * K,
+                       t_mean, t_rstd, mean_out, m2_out, th, tl, ta, tc, bb * K)
+    for itask in prange(B * Tr):
+        task = np.int64(itask)
+        bb = task // Tr
+        t = task % Tr
+        apply_rows(x, y, bb, t, R, K, rc, m, th, tl, ta, tc, bb * K)
+
+
+
+# --- backward passes --------------------------------------------------------------------------
+
+@njit(**SERIAL)
+def chunk_sums(dy, x, b, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm, p0):
+    """Pass 1 for chunk t, tile j of slab b: sum dy, sum dy (x - mean), sum (x - mean) per column
+    (wide rows of m rows as in ``chunk_moments``)."""
+    G = K // gs
+    r0 = t * rc
+    nr = min(rc, R - r0)
+    k0 = j * kt
+    kw = min(kt, K - k0)
+    start = (b * R + r0) * K + k0
+    nw = nr // m
+    W = m * kw
+    tail = start + nw * m * K
+    mloc = np.empty(W)
+    for i in range(W):
+        mloc[i] = mean[b * G + (k0 + i % kw) // gs]
+    a_dy = np.zeros(W)
+    a_dyxm = np.zeros(W)
+    a_xm = np.zeros(W)
+    acc_bwd(dy, x, start, nw, m * K, W, mloc, a_dy, a_dyxm, a_xm)
+    acc_bwd(dy, x, tail, nr - nw * m, K, kw, mloc, a_dy, a_dyxm, a_xm)
+    fold_lanes(a_dy, m, kw, ps[p0:p0 + kw])
+    fold_lanes(a_dyxm, m, kw, psx[p0:p0 + kw])
+    fold_lanes(a_xm, m, kw, psm[p0:p0 + kw])
+
+
+@njit(**SERIAL)
+def reduce_tile(x, b, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sums, ps, psx, psm,
+                q0, dwk, dbk, th, tl, t1, t2, t3, t4, c0):
+    """Pass 2 for tile j of slab b: chunk sums, group coefficients, dweight/dbias terms."""
+    G = K // gs
+    k0 = j * kt
+    kw = min(kt, K - k0)
+    sdy = ps[q0 + k0:q0 + k0 + kw]
+    sdyxm = psx[q0 + k0:q0 + k0 + kw]
+    sxm = psm[q0 + k0:q0 + k0 + kw]
+    if need_sums:
+        for t in range(1, Tr):
+            pt = q0 + t * K + k0
+            for k in range(kw):
+                sdy[k] += ps[pt + k]
+                sdyxm[k] += psx[pt + k]
+                sxm[k] += psm[pt + k]
+    for g in range(k0 // gs, (k0 + kw) // gs):
+        q = b * G + g
+        rs = rstd[q]
+        delta = 0.0
+        mg = 0.0
+        mgx = 0.0
+        if training:
+            M = R * gs
+            sg = 0.0
+            sgxm = 0.0
+            sx = 0.0
+            for k in range(g * gs - k0, (g + 1) * gs - k0):
+                wk = w[(k0 + k) // wd]
+                sg += wk * sdy[k]
+                sgxm += wk * sdyxm[k]
+                sx += sxm[k]
+            delta = sx / M
+            mg = sg / M
+            mgx = rs * (sgxm - delta * sg) / M
+        if need_sums:
+            for k in range(g * gs - k0, (g + 1) * gs - k0):
+                dwk[b * K + k0 + k] = rs * (sdyxm[k] - delta * sdy[k])
+                dbk[b * K + k0 + k] = sdy[k]
+        mu = mean[q] + delta
+        mh = x.dtype.type(mu)
+        ml = x.dtype.type(mu - mh)
+        for k in range(g * gs, (g + 1) * gs):
+            th[c0 + k] = mh
+            tl[c0 + k] = ml
+            t1[c0 + k] = w[k // wd]
+            t2[c0 + k] = mg
+            t3[c0 + k] = rs * mgx
+            t4[c0 + k] = rs
+
+
+@njit(**SERIAL)
+def dx_rows(dy, x, dx, b, t, R, K, rc, m, th, tl, t1, t2, t3, t4, c0):
+    """Pass 3 for chunk t of slab b: dx = ((t1 dy - t2) - ((x - th) - tl) t3) t4, m rows at a time."""
+    r0 = t * rc
+    nr = min(rc, R - r0)
+    W = m * K
+    hb = np.empty(W, dtype=x.dtype)
+    lb = np.empty(W, dtype=x.dtype)
+    b1 = np.empty(W, dtype=x.dtype)
+    b2 = np.empty(W, dtype=x.dtype)
+    b3 = np.empty(W, dtype=x.dtype)
+    b4 = np.empty(W, dtype=x.dtype)
+    for i in range(W):
+        k = c0 + i % K
+        hb[i] = th[k]
+        lb[i] = tl[k]
+        b1[i] = t1[k]
+        b2[i] = t2[k]
+        b3[i] = t3[k]
+        b4[i] = t4[k]
+    o = (b * R + r0) * K
+    end = o + nr * K
+    while o < end:
+        n = min(W, end - o)
+        xs = x[o:o + n]
+        gs = dy[o:o + n]
+        ds = dx[o:o + n]
+        for k in range(n):
+            ds[k] = ((b1[k] * gs[k] - b2[k]) - ((xs[k] - hb[k]) - lb[k]) * b3[k]) * b4[k]
+        o += n
+
+
+@njit(**PARALLEL)
+def col_backward_slabs(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
+                       dbk, rc, kt, m):
+    """Column backward. w: (K // wd,) float64; mean, rstd: (B * G,) float64.
+
+    training: the statistics came from x (full gradient through them); otherwise they are
+    constants and ``dx = rstd * w * dy``. need_sums: compute dwk[b*K+k] = sum dy * xhat and
+    dbk[b*K+k] = sum dy (float64, (B * K,)); always needed when training.
+
+    One task per slab (``per_slab`` scheduling); no work buffer.
+    """
+    Tr = (R + rc - 1) // rc
+    Tk = (K + kt - 1) // kt
+    zero = Tr - Tr          # an int64 0 (a literal 0 would compile another specialization)
+    for ib in prange(B):
+        bb = np.int64(ib)
+        npart = Tr * K if need_sums else 0
+        ps = np.empty(npart)
+        psx = np.empty(npart)
+        psm = np.empty(npart)
+        th = np.empty(K, dtype=x.dtype)
+        tl = np.empty(K, dtype=x.dtype)
+        t1 = np.empty(K, dtype=x.dtype)
+        t2 = np.empty(K, dtype=x.dtype)
+        t3 = np.empty(K, dtype=x.dtype)
+        t4 = np.empty(K, dtype=x.dtype)
+        if need_sums:
+            for t in range(Tr):
+                for j in range(Tk):
+                    chunk_sums(dy, x, bb, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm,
+                               t * K + j * kt)
+        for j in range(Tk):
+            reduce_tile(x, bb, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sums,
+                        ps, psx, psm, zero, dwk, dbk, th, tl, t1, t2, t3, t4, zero)
+        for t in range(Tr):
+            dx_rows(dy, x, dx, bb, t, R, K, rc, m, th, tl, t1, t2, t3, t4, zero)
+
+
+@njit(**PARALLEL)
+def col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
+                        dbk, rc, kt, m, work):
+    """Column backward. w: (K // wd,) float64; mean, rstd: (B * G,) float64.
+
+    training: the statistics came from x (full gradient through them); otherwise they are
+    constants and ``dx = rstd * w * dy``. need_sums: compute dwk[b*K+k] = sum dy * xhat and
+    dbk[b*K+k] = sum dy (float64, (B * K,)); always needed when training.
+
+    Chunked scheduling; ``work``: float64 buffer of 3 * B * Tr * K values (need_sums).
+    """
+    Tr = (R + rc - 1) // rc
+    Tk = (K + kt - 1) // kt
+    npart = B * Tr * K if need_sums else 0
+    ps = work[:npart]                 # chunk partials: caller's reusable buffer (3 * npart)
+    psx = work[npart:2 * npart]
+    psm = work[2 * npart:3 * npart]
+    th = np.empty(B * K, dtype=x.dtype)
+    tl = np.empty(B * K, dtype=x.dtype)
+    t1 = np.empty(B * K, dtype=x.dtype)
+    t2 = np.empty(B * K, dtype=x.dtype)
+    t3 = np.empty(B * K, dtype=x.dtype)
+    t4 = np.empty(B * K, dtype=x.dtype)
+    if need_sums:
+        for itask in prange(B * Tr * Tk):
+            task = np.int64(itask)
+            bb = task // (Tr * Tk)
+            t = (task // Tk) % Tr
+            j = task % Tk
+            chunk_sums(dy, x, bb, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm,
+                       (bb * Tr + t) * K + j * kt)
+    for bb in range(B):
+        for j in range(Tk):
+            reduce_tile(x, bb, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sums,
+                        ps, psx, psm, bb * Tr * K, dwk, dbk, th, tl, t1, t2, t3, t4, bb * K)
+    for itask in prange(B * Tr):
+        task = np.int64(itask)
+        bb = task // Tr
+        t = task % Tr
+        dx_rows(dy, x, dx, bb, t, R, K, rc, m, th, tl, t1, t2, t3, t4, bb * K)

@@ -1,0 +1,547 @@
+r"""Fused CPU kernels (numba, ``parallel=True``): the ``normlab.kernels`` contract.
+
+Every method is one of two memory patterns (see ``_numba_kernels``)::
+
+    row     the L values of one statistic are contiguous     LayerNorm, RMSNorm,
+                                                             InstanceNorm / GroupNorm (N, C, *S),
+                                                             BatchNorm (N, C, *S) planes
+    column  the channel stays, reduced values are strided    BatchNorm (N, *S, C) and (N, C),
+                                                             InstanceNorm / GroupNorm (N, *S, C)
+
+Contract (same on every backend):
+
+* Arrays in, arrays out. NumPy arrays in give NumPy arrays out; CPU torch tensors in give
+  torch tensors out (inputs are read through zero-copy ``.numpy()`` views, outputs wrap the
+  result arrays with ``torch.from_numpy``). Parameters and statistics may be either.
+* ``y``, ``dx`` and the returned statistics have x's dtype; ``dweight``/``dbias`` too.
+  Statistics accumulate in float64 (two-pass per cache block, Chan merges), so float32 data
+  with a large offset keeps full float32 accuracy.
+* float32 and float64 only; anything else raises ``TypeError`` naming the dtype and the fix.
+  ``dy`` of another floating dtype is cast to x's dtype.
+* Non-contiguous input: made contiguous in the nearest layout (see ``_arrays``); an
+  ``(N, C, *S)`` array stored channels-last runs the channels-last kernels with no copy and
+  its outputs keep that memory layout.
+* ``weight``/``bias`` None: no affine. Backward functions take ``need_weight_grad`` and
+  ``need_bias_grad``: None (default) means "when ``weight`` is given"; ``dweight``/``dbias``
+  are None when not computed. (BatchNorm's defaults follow the same rule.)
+* Per-row statistics of layer_norm / rms_norm have the leading shape ``x.shape[:-k]``;
+  group_norm's are ``(N, G)``, instance_norm's ``(N, C)``, batch_norm's ``(C,)``.
+* Training backward re-centres at the exact batch mean: the saved ``mean`` (rounded to x's
+  dtype) is refined by ``sum(x - mean) / M``, a sum taken in the same pass as the other two.
+  With ``training=False`` (given statistics) the mean is used as given.
+* Outputs are freshly allocated arrays owned by the caller (internal partial sums use a
+  reusable per-thread buffer). Results do not depend on the number of numba threads.
+* Memory passes: row kernels read x once and write y once (the row is normalized while in
+  cache); backward reads (x, dy) once and writes dx once. BatchNorm needs its statistics
+  before any output: x is read twice (dy and x twice in backward). Column kernels with many
+  samples (InstanceNorm / GroupNorm channels-last) normalize each sample right after its
+  statistics, re-reading it from cache.
+
+Example:
+    >>> import numpy as np
+    >>> from normlab.kernels import numba_cpu as K
+    >>> x = np.random.default_rng(0).normal(size=(8, 3, 5, 5)).astype(np.float32)
+    >>> y, mean, var, rstd = K.batch_norm_forward(x, None, None, 1e-5)
+    >>> bool(np.abs(y.mean(axis=(0, 2, 3))).max() < 1e-5), y.dtype
+    (True, dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from .. import _checks
+from ..reference.rms_norm import resolve_rms_eps
+from . import _arrays as A
+from . import _numba_kernels as _k
+
+__all__ = [
+    "batch_norm_forward", "batch_norm_backward",
+    "layer_norm_forward", "layer_norm_backward",
+    "rms_norm_forward", "rms_norm_backward",
+    "group_norm_forward", "group_norm_backward",
+    "instance_norm_forward", "instance_norm_backward",
+]
+
+NAME = "numba"
+
+# --- work partition (fixed by the shape, never by the thread count) -------------------------
+
+#: most row tasks of a row kernel (tasks are contiguous runs of rows)
+ROW_TASKS = 256
+#: per-task float64 partials of LayerNorm's dweight/dbias stay under this many elements
+ROW_PARTIAL_ELEMS = 1 << 18
+#: column kernels: bytes of x per (row chunk x column tile), re-read from L2 by the two-pass
+COL_CHUNK_BYTES = 1 << 18
+#: column kernels: widest column tile
+COL_TILE = 1024
+#: column kernels: narrow rows (K values) are processed max(1, COL_WIDE // K) rows at a time
+COL_WIDE = 256
+#: column kernels: with at least this many slabs (samples), one task per slab (see _numba_kernels)
+COL_PER_SLAB_MIN = 8
+#: BatchNorm on (N, C, *S): planes of at least this many values use the row kernels
+BN_ROW_MIN_INNER = 32
+_DUMMY = np.zeros(1)
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A float64 work buffer of ``n`` values, reused across calls of this thread.
+
+    Internal partial sums only (never returned). Reuse matters: a fresh buffer of a few MiB is
+    page-faulted by the kernel's threads on every call, which costs more than the kernel's
+    own work on small machines.
+    """
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 1))
+        _SCRATCH.buf = buf
+    return buf[:n]
+
+
+def _row_tasks(R: int, L: int, partials: bool = False):
+    T = min(R, ROW_TASKS)
+    if partials:
+        T = min(T, max(1, ROW_PARTIAL_ELEMS // L))
+    T = max(T, 1)
+    return T, (R + T - 1) // T
+
+
+def _col_params(B: int, R: int, K: int, gs: int, itemsize: int):
+    """``(rc, kt, m, per_slab)``: rows per chunk, columns per tile (whole groups), rows per wide
+    row, scheduling."""
+    if K <= COL_TILE:
+        kt = K
+        m = max(1, COL_WIDE // K)
+    else:
+        kt = gs * max(1, COL_TILE // gs)
+        m = 1
+    rc = max(1, min(R, COL_CHUNK_BYTES // (kt * itemsize)))
+    rc = max(m, rc - rc % m)
+    return rc, kt, m, B >= COL_PER_SLAB_MIN
+
+
+def _col_forward(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mean_out, m2_out, rc, kt,
+                 m, per_slab):
+    """Run the column forward with the per-slab or the chunked schedule (see _numba_kernels)."""
+    if per_slab:
+        _k.col_forward_slabs(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
+                             mean_out, m2_out, rc, kt, m)
+    else:
+        work = _scratch(2 * B * ((R + rc - 1) // rc) * K if mode == _k.TRAIN else 0)
+        _k.col_forward_chunks(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
+                              mean_out, m2_out, rc, kt, m, work)
+
+
+def _col_backward(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk, dbk, rc,
+                  kt, m, per_slab):
+    if per_slab:
+        _k.col_backward_slabs(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
+                              dbk, rc, kt, m)
+    else:
+        work = _scratch(3 * B * ((R + rc - 1) // rc) * K if need_sums else 0)
+        _k.col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
+                               dbk, rc, kt, m, work)
+
+
+# --- argument handling ----------------------------------------------------------------------
+
+class _Call:
+    """Converts the inputs of one call and the outputs back (NumPy or torch)."""
+
+    def __init__(self, x, name="x"):
+        self.torch = A.is_tensor(x)
+        self.x = A.to_numpy(x, name)
+        self.dtype = A.check_kernel_dtype(self.x, NAME)
+
+    def arr(self, a, name):
+        return A.to_numpy(a, name)
+
+    def out(self, *arrays):
+        dt = self.dtype
+        res = tuple(None if a is None else A.from_numpy(np.asarray(a, dtype=dt) if a.dtype != dt else a,
+                                                        self.torch)
+                    for a in arrays)
+        return res
+
+
+def _like(call, a, shape, name):
+    """dy as a C-contiguous array of x's dtype and shape (a float dy of another dtype is cast)."""
+    a = call.arr(a, name)
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of x {tuple(shape)}, got shape {tuple(a.shape)}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    return a
+
+
+def _stat(call, v, shape, name):
+    """A saved statistic as a contiguous float64 array of ``prod(shape)`` values."""
+    if v is None:
+        raise ValueError(f"{name} is required: pass the {name} returned by the forward call")
+    v = np.asarray(call.arr(v, name), dtype=np.float64)
+    n = int(np.prod(shape, dtype=np.int64))
+    if v.size != n:
+        raise ValueError(f"{name} must have {n} values (shape {tuple(shape)}), got shape {tuple(v.shape)}")
+    return np.ascontiguousarray(v).reshape(n)
+
+
+def _want(flag, weight):
+    return weight is not None if flag is None else bool(flag)
+
+
+def _channels(xp, phys_cl):
+    return xp.shape[-1] if phys_cl else xp.shape[1]
+
+
+def _spatial(xp, phys_cl):
+    sp = xp.shape[1:-1] if phys_cl else xp.shape[2:]
+    return int(np.prod(sp, dtype=np.int64))
+
+
+def _rstd(var, eps):
+    return 1.0 / np.sqrt(var + eps)
+
+
+# --- BatchNorm -------------------------------------------------------------------------------
+
+def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, var=None):
+    r"""Batch norm forward: ``(y, mean, var, rstd)``, statistics ``(C,)`` in x's dtype.
+
+    ``mean``/``var`` None: training (batch mean and biased variance over N and the spatial
+    axes). Given ``(C,)``: inference with those statistics (returned as given, cast).
+    x: ``(N, C, *spatial)`` or, with ``channels_last``, ``(N, *spatial, C)``; zero or more
+    spatial dims.
+    """
+    call = _Call(x)
+    x = call.x
+    _checks.check_min_ndim(x, 2, "batch_norm", "(N, C, *spatial)")
+    _checks.check_eps(eps)
+    if (mean is None) != (var is None):
+        raise ValueError("batch_norm needs both mean and var (inference) or neither (training); "
+                         f"got mean={'None' if mean is None else 'an array'} and "
+                         f"var={'None' if var is None else 'an array'}")
+    xp, cl, swapped = A.layout(x, channels_last)
+    N, C = xp.shape[0], _channels(xp, cl)
+    inner = _spatial(xp, cl)
+    count = N * inner
+    for name, v in (("weight", weight), ("bias", bias), ("mean", mean), ("var", var)):
+        _checks.check_vector(A.to_numpy(v, name), C, name)
+    w = A.vector_f64(weight, C, "weight", 1.0)
+    b = A.vector_f64(bias, C, "bias", 0.0)
+    training = mean is None
+    if training:
+        _checks.check_values_per_channel(count, x.shape, "batch_norm")
+    else:
+        mean64 = A.vector_f64(mean, C, "mean", 0.0)
+        var64 = A.vector_f64(var, C, "var", 1.0)
+        if np.any(var64 < 0):
+            raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
+        rstd64 = _rstd(var64, eps)
+    y = np.empty_like(xp)
+    if xp.size:
+        xf, yf = xp.reshape(-1), y.reshape(-1)
+        if cl or inner < BN_ROW_MIN_INNER:
+            R, K, gs = (count, C, 1) if cl else (N, C * inner, inner)
+            rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
+            if training:
+                mean64, m2 = np.empty(C), np.empty(C)
+                _col_forward(xf, 1, R, K, gs, gs, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean64, m2,
+                             rc, kt, m, per_slab)
+                var64 = m2 / count
+                rstd64 = _rstd(var64, eps)
+            else:
+                _col_forward(xf, 1, R, K, gs, gs, w, b, eps, _k.APPLY, mean64, rstd64, yf, _DUMMY,
+                             _DUMMY, rc, kt, m, per_slab)
+        else:
+            R = N * C
+            T, per = _row_tasks(R, inner)
+            if training:
+                rmean, rm2 = np.empty(R), np.empty(R)
+                _k.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.STATS,
+                                     _DUMMY, _DUMMY, yf, rmean, rm2)
+                rmean, rm2 = rmean.reshape(N, C), rm2.reshape(N, C)
+                mean64 = rmean.mean(axis=0)            # equal counts: Chan's merge of N planes
+                var64 = (rm2.sum(axis=0) + inner * ((rmean - mean64) ** 2).sum(axis=0)) / count
+                rstd64 = _rstd(var64, eps)
+            _k.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.APPLY,
+                                 mean64, rstd64, yf, _DUMMY, _DUMMY)
+    elif training:
+        mean64 = var64 = rstd64 = np.full(C, np.nan)
+    return call.out(A.restore(y, channels_last, swapped), mean64, var64, rstd64)
+
+
+def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, training=True,
+                        need_weight_grad=None, need_bias_grad=None):
+    r"""Batch norm backward: ``(dx, dweight, dbias)``.
+
+    ``training``: the statistics were the batch's (full gradient through them); otherwise they
+    were given constants and ``dx = rstd * weight * dy``.
+    """
+    call = _Call(x)
+    x = call.x
+    _checks.check_min_ndim(x, 2, "batch_norm", "(N, C, *spatial)")
+    dy = _like(call, dy, x.shape, "dy")
+    xp, cl, swapped = A.layout(x, channels_last)
+    dyp = A.same_layout(dy, cl, channels_last, swapped).astype(xp.dtype, copy=False)
+    N, C = xp.shape[0], _channels(xp, cl)
+    inner = _spatial(xp, cl)
+    count = N * inner
+    _checks.check_vector(A.to_numpy(weight, "weight"), C, "weight")
+    w = A.vector_f64(weight, C, "weight", 1.0)
+    mean64 = _stat(call, mean, (C,), "mean")
+    rstd64 = _stat(call, rstd, (C,), "rstd")
+    need_w, need_b = _want(need_weight_grad, weight), _want(need_bias_grad, weight)
+    sums = bool(training or need_w or need_b)
+    dx = np.empty_like(xp)
+    dweight = dbias = None
+    if xp.size:
+        xf, dyf, dxf = xp.reshape(-1), dyp.reshape(-1), dx.reshape(-1)
+        if cl or inner < BN_ROW_MIN_INNER:
+            R, K, gs = (count, C, 1) if cl else (N, C * inner, inner)
+            rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
+            dwk = np.empty(K if sums else 0)
+            dbk = np.empty(K if sums else 0)
+            _col_backward(dyf, xf, 1, R, K, gs, gs, w, mean64, rstd64, bool(training), sums, dxf,
+                          dwk, dbk, rc, kt, m, per_slab)
+            if sums:
+                dweight = dwk.reshape(C, gs).sum(axis=1)
+                dbias = dbk.reshape(C, gs).sum(axis=1)
+        else:
+            R = N * C
+            T, per = _row_tasks(R, inner)
+            mu, mg, mgx = mean64, np.zeros(C), np.zeros(C)
+            if sums:
+                sdy, sdyxm, sxm = np.empty(R), np.empty(R), np.empty(R)
+                _k.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mean64, rstd64, _k.SUMS,
+                                      _DUMMY, _DUMMY, dxf, sdy, sdyxm, sxm)
+                sdy = sdy.reshape(N, C).sum(axis=0)
+                sdyxm = sdyxm.reshape(N, C).sum(axis=0)
+                delta = sxm.reshape(N, C).sum(axis=0) / count if training else np.zeros(C)
+                dweight = rstd64 * (sdyxm - delta * sdy)           # sum dy * xhat
+                dbias = sdy
+                if training:
+                    mu = mean64 + delta
+                    mg = w * sdy / count
+                    mgx = w * dweight / count
+            _k.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mu, rstd64, _k.APPLY,
+                                  mg, mgx, dxf, _DUMMY, _DUMMY, _DUMMY)
+    elif need_w or need_b:
+        dweight = dbias = np.zeros(C)
+    return call.out(A.restore(dx, channels_last, swapped),
+                    dweight if need_w else None, dbias if need_b else None)
+
+
+# --- LayerNorm / RMSNorm (row, per-element affine) -------------------------------------------
+
+def _row_setup(call, normalized_shape, weight, bias, what):
+    x = call.x
+    shape = _checks.normalized_shape_tuple(normalized_shape)
+    _checks.check_normalized_shape(x, shape, what)
+    _checks.check_param_shape(A.to_numpy(weight, "weight"), shape, "weight")
+    _checks.check_param_shape(A.to_numpy(bias, "bias"), shape, "bias")
+    L = math.prod(shape)
+    R = x.size // L
+    lead = x.shape[:x.ndim - len(shape)]
+    dt = call.dtype
+    w = (np.ones(L, dt) if weight is None
+         else np.ascontiguousarray(call.arr(weight, "weight"), dtype=dt).reshape(L))
+    b = (np.zeros(L, dt) if bias is None
+         else np.ascontiguousarray(call.arr(bias, "bias"), dtype=dt).reshape(L))
+    return np.ascontiguousarray(x), R, L, lead, shape, w, b
+
+
+def _row_forward(x, normalized_shape, weight, bias, eps, centered, what):
+    call = _Call(x)
+    xc, R, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
+    y = np.empty_like(xc)
+    mean, rstd = np.empty(R), np.empty(R)
+    if R:
+        T, per = _row_tasks(R, L)
+        _k.row_elem_forward(xc.reshape(-1), R, L, T, per, w, b, float(eps), centered,
+                              y.reshape(-1), mean, rstd)
+    return call, y, mean.reshape(lead), rstd.reshape(lead)
+
+
+def _row_backward(dy, x, normalized_shape, weight, mean, rstd, centered, need_w, need_b, what):
+    call = _Call(x)
+    xc, R, L, lead, shape, w, _ = _row_setup(call, normalized_shape, weight, None, what)
+    dyc = np.ascontiguousarray(_like(call, dy, xc.shape, "dy"), dtype=xc.dtype)
+    mean64 = _stat(call, mean, lead, "mean") if centered else np.zeros(R)
+    rstd64 = _stat(call, rstd, lead, "rstd")
+    dx = np.empty_like(xc)
+    grads = need_w or need_b
+    T, per = _row_tasks(R, L, partials=True)
+    part = _scratch(2 * T * L if grads else 0)          # zeroed by the kernel
+    dwp, dbp = part[:T * L], part[T * L:]
+    if R:
+        _k.row_elem_backward(dyc.reshape(-1), xc.reshape(-1), R, L, T, per, w, mean64, rstd64,
+                               centered, grads, dx.reshape(-1), dwp, dbp)
+    dweight = dwp.reshape(T, L).sum(axis=0).reshape(shape) if need_w else None
+    dbias = dbp.reshape(T, L).sum(axis=0).reshape(shape) if need_b else None
+    if grads and not R:
+        dweight = np.zeros(shape) if need_w else None
+        dbias = np.zeros(shape) if need_b else None
+    return call, dx, dweight, dbias
+
+
+def layer_norm_forward(x, normalized_shape, weight, bias, eps):
+    r"""Layer norm over the trailing ``normalized_shape``: ``(y, mean, rstd)``.
+
+    ``mean``, ``rstd``: one per row, shape ``x.shape[:-len(normalized_shape)]``, x's dtype.
+    weight, bias: ``normalized_shape`` or None.
+    """
+    _checks.check_eps(eps)
+    call, y, mean, rstd = _row_forward(x, normalized_shape, weight, bias, eps, True, "layer_norm")
+    return call.out(y, mean, rstd)
+
+
+def layer_norm_backward(dy, x, normalized_shape, weight, mean, rstd, *, need_weight_grad=None,
+                        need_bias_grad=None):
+    r"""Layer norm backward: ``(dx, dweight, dbias)`` (dweight/dbias of ``normalized_shape``)."""
+    call, dx, dw, db = _row_backward(dy, x, normalized_shape, weight, mean, rstd, True,
+                                     _want(need_weight_grad, weight), _want(need_bias_grad, weight),
+                                     "layer_norm")
+    return call.out(dx, dw, db)
+
+
+def rms_norm_forward(x, normalized_shape, weight, eps=None):
+    r"""RMS norm over the trailing ``normalized_shape``: ``(y, rstd)``.
+
+    ``eps=None`` resolves as torch.nn.functional.rms_norm does (see reference.rms_norm.resolve_rms_eps).
+    """
+    call0 = _Call(x)
+    eps = resolve_rms_eps(eps, call0.dtype)
+    call, y, _, rstd = _row_forward(x, normalized_shape, weight, None, eps, False, "rms_norm")
+    return call.out(y, rstd)
+
+
+def rms_norm_backward(dy, x, normalized_shape, weight, rstd, *, need_weight_grad=None):
+    r"""RMS norm backward: ``(dx, dweight)``."""
+    call, dx, dw, _ = _row_backward(dy, x, normalized_shape, weight, None, rstd, False,
+                                    _want(need_weight_grad, weight), False, "rms_norm")
+    return call.out(dx, dw)
+
+
+# --- GroupNorm / InstanceNorm (row on channels-first, column on channels-last) ---------------
+
+def _grouped_forward(call, x, G, weight, bias, eps, channels_last, what):
+    """Shared by group_norm (G groups) and instance_norm (G = C): ``y, mean, var`` (N, G)."""
+    xp, cl, swapped = A.layout(x, channels_last)
+    N, C = xp.shape[0], _channels(xp, cl)
+    inner = _spatial(xp, cl)
+    gs = C // G
+    w = A.vector_f64(weight, C, "weight", 1.0)
+    b = A.vector_f64(bias, C, "bias", 0.0)
+    y = np.empty_like(xp)
+    mean, m2 = np.empty(N * G), np.empty(N * G)
+    if xp.size:
+        xf, yf = xp.reshape(-1), y.reshape(-1)
+        if cl:
+            rc, kt, m, per_slab = _col_params(N, inner, C, gs, xp.itemsize)
+            _col_forward(xf, N, inner, C, gs, 1, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean, m2,
+                         rc, kt, m, per_slab)
+        else:
+            R = N * G
+            T, per = _row_tasks(R, gs * inner)
+            _k.row_seg_forward(xf, R, gs, inner, G, T, per, w, b, float(eps), _k.TRAIN,
+                                 _DUMMY, _DUMMY, yf, mean, m2)
+    var = m2 / (gs * inner) if inner * gs else np.full(N * G, np.nan)
+    return A.restore(y, channels_last, swapped), mean.reshape(N, G), var.reshape(N, G)
+
+
+def _grouped_backward(call, dy, x, G, weight, mean, rstd, channels_last, need_w, need_b):
+    xp, cl, swapped = A.layout(x, channels_last)
+    dyp = A.same_layout(dy, cl, channels_last, swapped).astype(xp.dtype, copy=False)
+    N, C = xp.shape[0], _channels(xp, cl)
+    inner = _spatial(xp, cl)
+    gs = C // G
+    w = A.vector_f64(weight, C, "weight", 1.0)
+    mean64 = _stat(call, mean, (N, G), "mean")
+    rstd64 = _stat(call, rstd, (N, G), "rstd")
+    dx = np.empty_like(xp)
+    sdy, sdyx = np.zeros(N * C), np.zeros(N * C)
+    if xp.size:
+        xf, dyf, dxf = xp.reshape(-1), dyp.reshape(-1), dx.reshape(-1)
+        if cl:
+            rc, kt, m, per_slab = _col_params(N, inner, C, gs, xp.itemsize)
+            _col_backward(dyf, xf, N, inner, C, gs, 1, w, mean64, rstd64, True, True, dxf, sdyx,
+                          sdy, rc, kt, m, per_slab)
+        else:
+            R = N * G
+            T, per = _row_tasks(R, gs * inner)
+            _k.row_seg_backward(dyf, xf, R, gs, inner, G, T, per, w, mean64, rstd64, _k.FUSED,
+                                  _DUMMY, _DUMMY, dxf, sdy, sdyx, _DUMMY)
+    dweight = sdyx.reshape(N, C).sum(axis=0) if need_w else None
+    dbias = sdy.reshape(N, C).sum(axis=0) if need_b else None
+    return A.restore(dx, channels_last, swapped), dweight, dbias
+
+
+def _grouped_checks(call, x, channels_last, weight, bias, what, min_ndim, layout_s):
+    _checks.check_min_ndim(x, min_ndim, what, layout_s)
+    C = x.shape[-1] if (channels_last and x.ndim >= 3) else x.shape[1]
+    for name, v in (("weight", weight), ("bias", bias)):
+        _checks.check_vector(call.arr(v, name), C, name)
+    return C
+
+
+def group_norm_forward(x, num_groups, weight, bias, eps, *, channels_last=False):
+    r"""Group norm forward: ``(y, mean, rstd)``, statistics ``(N, G)`` in x's dtype."""
+    call = _Call(x)
+    C = _grouped_checks(call, call.x, channels_last, weight, bias, "group_norm", 2, "(N, C, *spatial)")
+    _checks.check_eps(eps)
+    _checks.check_groups(num_groups, C)
+    y, mean, var = _grouped_forward(call, call.x, int(num_groups), weight, bias, eps, channels_last,
+                                    "group_norm")
+    return call.out(y, mean, _rstd(var, eps))
+
+
+def group_norm_backward(dy, x, num_groups, weight, mean, rstd, *, channels_last=False,
+                        need_weight_grad=None, need_bias_grad=None):
+    r"""Group norm backward: ``(dx, dweight, dbias)``."""
+    call = _Call(x)
+    C = _grouped_checks(call, call.x, channels_last, weight, None, "group_norm", 2, "(N, C, *spatial)")
+    _checks.check_groups(num_groups, C)
+    dy = _like(call, dy, call.x.shape, "dy")
+    out = _grouped_backward(call, dy, call.x, int(num_groups), weight, mean, rstd, channels_last,
+                            _want(need_weight_grad, weight), _want(need_bias_grad, weight))
+    return call.out(*out)
+
+
+def _instance_spatial_check(x, channels_last):
+    spatial = int(np.prod(x.shape[1:-1] if channels_last else x.shape[2:], dtype=np.int64))
+    if spatial <= 1:
+        raise ValueError(
+            f"instance_norm in training needs more than 1 spatial element per channel, got an "
+            f"input of shape {tuple(x.shape)} ({spatial} spatial element); InstanceNorm of a "
+            f"single value is always 0: use LayerNorm or BatchNorm for (N, C) data")
+
+
+def instance_norm_forward(x, weight, bias, eps, *, channels_last=False):
+    r"""Instance norm forward (statistics per sample and channel): ``(y, mean, var, rstd)``, (N, C).
+
+    For inference with given per-channel statistics use ``batch_norm_forward(..., mean=, var=)``:
+    it is the same transform.
+    """
+    call = _Call(x)
+    C = _grouped_checks(call, call.x, channels_last, weight, bias, "instance_norm", 3,
+                        "(N, C, *spatial) with at least one spatial dim")
+    _checks.check_eps(eps)
+    _instance_spatial_check(call.x, channels_last)
+    y, mean, var = _grouped_forward(call, call.x, C, weight, bias, eps, channels_last, "instance_norm")
+    return call.out(y, mean, var, _rstd(var, eps))
+
+
+def instance_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, need_weight_grad=None,
+                           need_bias_grad=None):
+    r"""Instance norm backward: ``(dx, dweight, dbias)``."""
+    call = _Call(x)
+    C = _grouped_checks(call, call.x, channels_last, weight, None, "instance_norm", 3,
+                        "(N, C, *spatial) with at least one spatial dim")
+    dy = _like(call, dy, call.x.shape, "dy")
+    out = _grouped_backward(call, dy, call.x, C, weight, mean, rstd, channels_last,
+                            _want(need_weight_grad, weight), _want(need_bias_grad, weight))
+    return call.out(*out)

@@ -1,0 +1,663 @@
+"""normlab.kernels: the fused numba kernels and the numpy backend against the float64 reference,
+zero-copy behaviour, large-offset float32 accuracy against torch's, and the backend registry.
+
+Compile time: the numba kernels are 6 functions x 2 dtypes. A session fixture compiles them
+first, in an order that depends on the pytest-xdist worker (gw0 float32 first, gw1 float64
+first), so that with ``-n 2`` each worker compiles about half and loads the other half from
+numba's on-disk cache. No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from normlab import reference as R
+from normlab import kernels
+from normlab.kernels import _arrays, get_backend
+
+numba = pytest.importorskip("numba")
+from normlab.kernels import numba_cpu as NB  # noqa: E402
+from normlab.kernels import numpy_ref as NP  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+F32, F64 = np.float32, np.float64
+DTYPES = [F32, F64]
+# (dtype, atol, rtol): atol is relative to max(1, max|expected|) of the compared array
+TOL = {F32: (2e-5, 1e-4), F64: (1e-11, 1e-9)}
+EPS = 1e-5
+
+
+def close(actual, expected, dtype, what=""):
+    assert actual is not None, f"{what}: got None"
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    atol, rtol = TOL[dtype]
+    scale = max(1.0, float(np.abs(e).max())) if e.size else 1.0
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+def data(shape, dtype, seed=0, offset=3.0, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale + offset).astype(dtype)
+
+
+def params(C, affine, seed=1, shape=None):
+    if not affine:
+        return None, None
+    rng = np.random.default_rng(seed)
+    shape = (C,) if shape is None else shape
+    return 0.5 + rng.random(shape), rng.random(shape) - 0.5
+
+
+def to_cl(x):
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1))
+
+
+# --- compile once per worker, half each --------------------------------------------------------
+
+def _warm_calls(dtype):
+    rng = np.random.default_rng(0)
+    x4 = rng.standard_normal((2, 3, 7, 13)).astype(dtype)
+    xc = to_cl(x4)
+    x2 = rng.standard_normal((5, 9)).astype(dtype)
+    w = np.ones(3)
+
+    def row_elem():
+        y, m, r = NB.layer_norm_forward(x2, 9, None, None, EPS)
+        NB.layer_norm_backward(x2, x2, 9, None, m, r)
+
+    def row_seg():
+        y, m, r = NB.group_norm_forward(x4, 3, w, w, EPS)
+        NB.group_norm_backward(x4, x4, 3, w, m, r)
+
+    def col():
+        y, m, v, r = NB.batch_norm_forward(xc, w, w, EPS, channels_last=True)
+        NB.batch_norm_backward(xc, xc, w, m, r, channels_last=True)
+
+    def col_slabs():
+        xs = to_cl(rng.standard_normal((NB.COL_PER_SLAB_MIN, 3, 5)).astype(dtype))
+        y, m, v, r = NB.instance_norm_forward(xs, w, w, EPS, channels_last=True)
+        NB.instance_norm_backward(xs, xs, w, m, r, channels_last=True)
+
+    return [row_elem, row_seg, col, col_slabs]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_kernels():
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    order = [F32, F64]
+    calls = _warm_calls(order[0]) + _warm_calls(order[1])
+    if worker != "gw0" and int(worker[2:] or 0) % 2 == 1:
+        calls = calls[::-1]                       # the other worker starts at the other end
+    for call in calls:
+        call()
+
+
+# --- BatchNorm ---------------------------------------------------------------------------------
+
+BN_SHAPES = [
+    (7, 3), (13, 1), (4100, 16),               # (N, C): column kernel, several row chunks
+    (3, 1030),                                 # K > one column tile
+    (2, 3, 1023), (1, 3, 1023), (2, 3, 7, 13),  # planes >= 32 values: row kernels
+    (3, 7, 13), (2, 3, 4, 5), (2, 3, 2, 3, 5),  # small planes: column kernel on (N, C*inner)
+    (4, 100, 20),                              # small planes, C*inner over one column tile
+]
+
+
+def _bn_case(shape, dtype, channels_last, affine, training, seed=0):
+    x = data(shape, dtype, seed)
+    C = shape[1]
+    w, b = params(C, affine)
+    rng = np.random.default_rng(seed + 7)
+    dy = rng.standard_normal(shape).astype(dtype)
+    stats = {} if training else dict(mean=rng.standard_normal(C) + 3, var=rng.random(C) + 0.5)
+    if channels_last:
+        x, dy = to_cl(x), to_cl(dy)
+    return x, dy, w, b, stats
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NC", "CL"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_batch_norm_matches_reference(dtype, shape, channels_last, affine, training):
+    x, dy, w, b, stats = _bn_case(shape, dtype, channels_last, affine, training)
+    y, mean, var, rstd = NB.batch_norm_forward(x, w, b, EPS, channels_last=channels_last, **stats)
+    yr, c = R.batch_norm_forward(x, w, b, eps=EPS, channels_last=channels_last, **stats)
+    assert y.dtype == dtype and mean.dtype == dtype and var.dtype == dtype and rstd.dtype == dtype
+    close(y, yr, dtype, "y")
+    close(mean, c["mean"], dtype, "mean")
+    close(var, c["var"], dtype, "var")
+    close(rstd, 1 / np.sqrt(c["var"] + EPS), dtype, "rstd")
+    dx, dw, db = NB.batch_norm_backward(dy, x, w, mean, rstd, channels_last=channels_last,
+                                        training=training)
+    gr = R.batch_norm_backward(dy, c)
+    close(dx, gr[0], dtype, "dx")
+    assert dx.dtype == dtype
+    if affine:
+        close(dw, gr[1], dtype, "dweight")
+        close(db, gr[2], dtype, "dbias")
+    else:
+        assert dw is None and db is None
+
+
+def test_batch_norm_gradient_flags():
+    x, dy, _, _, _ = _bn_case((4, 3, 5, 7), F64, False, False, True)
+    y, m, v, r = NB.batch_norm_forward(x, None, None, EPS)
+    dx, dw, db = NB.batch_norm_backward(dy, x, None, m, r, need_weight_grad=True, need_bias_grad=True)
+    _, c = R.batch_norm_forward(x, np.ones(3), np.zeros(3), eps=EPS)
+    gr = R.batch_norm_backward(dy, c)
+    close(dw, gr[1], F64, "dweight for a unit weight")
+    close(db, gr[2], F64, "dbias")
+    w = np.full(3, 2.0)
+    dx, dw, db = NB.batch_norm_backward(dy, x, w, m, r, need_weight_grad=False, need_bias_grad=True)
+    assert dw is None and db is not None
+    dx, dw, db = NB.batch_norm_backward(dy, x, w, m, r, training=False, need_weight_grad=False,
+                                        need_bias_grad=False)
+    close(dx, dy * (2.0 * r)[None, :, None, None], F64, "inference dx")
+    assert dw is None and db is None
+
+
+# --- LayerNorm / RMSNorm -----------------------------------------------------------------------
+
+ROW_CASES = [((1, 7), 1), ((13, 1023), 1), ((3, 5, 7), 2), ((7, 1), 1), ((2, 9000), 1),
+             ((4, 3, 13), 1), ((5,), 1), ((3, 64), 1)]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape,k", ROW_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_layer_norm_matches_reference(dtype, shape, k, affine):
+    ns = shape[len(shape) - k:]
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=5, offset=0.0, scale=1.0)
+    w, b = params(None, affine, shape=ns)
+    y, mean, rstd = NB.layer_norm_forward(x, ns, w, b, EPS)
+    yr, c = R.layer_norm_forward(x, ns, w, b, eps=EPS)
+    lead = shape[:len(shape) - k]
+    assert mean.shape == lead and rstd.shape == lead and y.dtype == dtype
+    close(y, yr, dtype, "y")
+    close(mean, c["mean"].reshape(lead), dtype, "mean")
+    close(rstd, c["rstd"].reshape(lead), dtype, "rstd")
+    dx, dw, db = NB.layer_norm_backward(dy, x, ns, w, mean, rstd)
+    gr = R.layer_norm_backward(dy, c)
+    close(dx, gr[0], dtype, "dx")
+    if affine:
+        close(dw, gr[1], dtype, "dweight")
+        close(db, gr[2], dtype, "dbias")
+        assert dw.shape == ns and dw.dtype == dtype
+    else:
+        assert dw is None and db is None
+
+
+@pytest.mark.parametrize("eps", [EPS, None], ids=["eps", "eps=None"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape,k", ROW_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_rms_norm_matches_reference(dtype, shape, k, affine, eps):
+    ns = shape[len(shape) - k:]
+    x = data(shape, dtype, offset=0.5)
+    dy = data(shape, dtype, seed=5, offset=0.0, scale=1.0)
+    w, _ = params(None, affine, shape=ns)
+    y, rstd = NB.rms_norm_forward(x, ns, w, eps)
+    yr, c = R.rms_norm_forward(x, ns, w, eps=eps if eps is not None else float(np.finfo(dtype).eps))
+    close(y, yr, dtype, "y")
+    close(rstd, c["rstd"].reshape(rstd.shape), dtype, "rstd")
+    dx, dw = NB.rms_norm_backward(dy, x, ns, w, rstd)
+    gr = R.rms_norm_backward(dy, c)
+    close(dx, gr[0], dtype, "dx")
+    if affine:
+        close(dw, gr[1], dtype, "dweight")
+    else:
+        assert dw is None
+
+
+# --- GroupNorm / InstanceNorm ------------------------------------------------------------------
+
+GN_CASES = [((2, 6, 5), 3), ((2, 6, 5), 1), ((2, 6, 5), 6), ((3, 4, 7, 13), 2),
+            ((9, 4, 3, 5), 2),             # >= 8 samples: one task per sample (channels-last)
+            ((2, 8), 4), ((1, 6, 1023), 3), ((2, 4, 2, 3, 5), 4),
+            ((2, 1040, 3), 8)]             # channels-last groups over more than one tile
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NC", "CL"])
+@pytest.mark.parametrize("shape,G", GN_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_group_norm_matches_reference(dtype, shape, G, channels_last, affine):
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=5, offset=0.0, scale=1.0)
+    w, b = params(shape[1], affine)
+    if channels_last:
+        x, dy = to_cl(x), to_cl(dy)
+    y, mean, rstd = NB.group_norm_forward(x, G, w, b, EPS, channels_last=channels_last)
+    yr, c = R.group_norm_forward(x, G, w, b, eps=EPS, channels_last=channels_last)
+    assert mean.shape == (shape[0], G) and mean.dtype == dtype
+    close(y, yr, dtype, "y")
+    close(mean, c["mean"], dtype, "mean")
+    close(rstd, 1 / np.sqrt(c["var"] + EPS), dtype, "rstd")
+    dx, dw, db = NB.group_norm_backward(dy, x, G, w, mean, rstd, channels_last=channels_last)
+    gr = R.group_norm_backward(dy, c)
+    close(dx, gr[0], dtype, "dx")
+    if affine:
+        close(dw, gr[1], dtype, "dweight")
+        close(db, gr[2], dtype, "dbias")
+    else:
+        assert dw is None and db is None
+
+
+IN_SHAPES = [(2, 3, 7), (9, 5, 3, 4), (2, 3, 2, 3, 5), (1, 7, 1023), (3, 1, 13)]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NC", "CL"])
+@pytest.mark.parametrize("shape", IN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_instance_norm_matches_reference(dtype, shape, channels_last, affine):
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=5, offset=0.0, scale=1.0)
+    w, b = params(shape[1], affine)
+    if channels_last:
+        x, dy = to_cl(x), to_cl(dy)
+    y, mean, var, rstd = NB.instance_norm_forward(x, w, b, EPS, channels_last=channels_last)
+    yr, c = R.instance_norm_forward(x, w, b, eps=EPS, channels_last=channels_last)
+    assert mean.shape == shape[:2] and var.dtype == dtype
+    close(y, yr, dtype, "y")
+    close(mean, c["mean"], dtype, "mean")
+    close(var, c["var"], dtype, "var")
+    close(rstd, 1 / np.sqrt(c["var"] + EPS), dtype, "rstd")
+    dx, dw, db = NB.instance_norm_backward(dy, x, w, mean, rstd, channels_last=channels_last)
+    gr = R.instance_norm_backward(dy, c)
+    close(dx, gr[0], dtype, "dx")
+    if affine:
+        close(dw, gr[1], dtype, "dweight")
+        close(db, gr[2], dtype, "dbias")
+
+
+@pytest.mark.parametrize("tile,wide", [(4, 256), (1024, 16)], ids=["tiles", "wide-rows"])
+def test_small_work_partitions_match_reference(monkeypatch, tile, wide):
+    """Many row chunks, column tiles or wide rows, many row tasks, on small inputs (merges)."""
+    monkeypatch.setattr(NB, "COL_CHUNK_BYTES", 64)
+    monkeypatch.setattr(NB, "COL_TILE", tile)
+    monkeypatch.setattr(NB, "COL_WIDE", wide)
+    monkeypatch.setattr(NB, "ROW_TASKS", 3)
+    monkeypatch.setattr(NB, "ROW_PARTIAL_ELEMS", 8)
+    for dt in DTYPES:
+        for cl in (False, True):
+            x, dy, w, b, _ = _bn_case((11, 6, 5), dt, cl, True, True)
+            y, m, v, r = NB.batch_norm_forward(x, w, b, EPS, channels_last=cl)
+            yr, c = R.batch_norm_forward(x, w, b, eps=EPS, channels_last=cl)
+            close(y, yr, dt, "bn y")
+            close(v, c["var"], dt, "bn var")
+            g = NB.batch_norm_backward(dy, x, w, m, r, channels_last=cl)
+            for a, e in zip(g, R.batch_norm_backward(dy, c)):
+                close(a, e, dt, "bn grads")
+            y, m, r = NB.group_norm_forward(x, 3, w, b, EPS, channels_last=cl)
+            yr, c = R.group_norm_forward(x, 3, w, b, eps=EPS, channels_last=cl)
+            close(y, yr, dt, "gn y")
+            g = NB.group_norm_backward(dy, x, 3, w, m, r, channels_last=cl)
+            for a, e in zip(g, R.group_norm_backward(dy, c)):
+                close(a, e, dt, "gn grads")
+        x = data((10, 7), dt)
+        w, b = params(None, True, shape=(7,))
+        y, m, r = NB.layer_norm_forward(x, 7, w, b, EPS)
+        yr, c = R.layer_norm_forward(x, 7, w, b, eps=EPS)
+        close(y, yr, dt, "ln y")
+        for a, e in zip(NB.layer_norm_backward(x, x, 7, w, m, r), R.layer_norm_backward(x, c)):
+            close(a, e, dt, "ln grads")
+
+
+# --- numerical properties ----------------------------------------------------------------------
+
+def test_results_do_not_depend_on_thread_count():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one numba thread only")
+    x, dy, w, b, _ = _bn_case((64, 40, 9), F32, True, True, True)
+    xr = data((300, 257), F32)
+
+    def run():
+        y, m, v, r = NB.batch_norm_forward(x, w, b, EPS, channels_last=True)
+        g = NB.batch_norm_backward(dy, x, w, m, r, channels_last=True)
+        yl, ml, rl = NB.layer_norm_forward(xr, 257, np.ones(257), np.zeros(257), EPS)
+        gl = NB.layer_norm_backward(xr, xr, 257, np.ones(257), ml, rl)
+        return (y, m, v) + g + (yl,) + gl
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b_ in zip(one, two):
+        np.testing.assert_array_equal(a, b_)
+
+
+def _torch_err_bn(x, w, b, dy):
+    """Errors of torch's CPU batch norm (y, mean, var, dx) against the float64 reference."""
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y, mean, invstd = torch.ops.aten.native_batch_norm(xt, torch.from_numpy(w), torch.from_numpy(b),
+                                                       None, None, True, 0.0, EPS)
+    (dx,) = torch.autograd.grad(y, xt, torch.from_numpy(dy))
+    return [t.detach().numpy() for t in (y, mean, 1 / invstd**2 - EPS, dx)]
+
+
+def _err(a, e):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - e)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NC", "CL"])
+def test_float32_large_offset_batch_norm_at_least_as_accurate_as_torch(channels_last):
+    """Mean 1e4, std 1 in float32: one-pass E[x^2] - E[x]^2 would lose every digit."""
+    shape = (16, 8, 16, 16)
+    x = data(shape, F32, offset=1e4, scale=1.0)
+    dy = data(shape, F32, seed=3, offset=0.0, scale=1.0)
+    w, b = (np.linspace(0.5, 1.5, 8).astype(F32), np.linspace(-1, 1, 8).astype(F32))
+    yr, c = R.batch_norm_forward(x, w, b, eps=EPS)
+    gr = R.batch_norm_backward(dy, c)
+    ref = [yr, c["mean"], c["var"], gr[0]]
+    theirs = [_err(a, e) for a, e in zip(_torch_err_bn(x, w, b, dy), ref)]
+    xx, dd = (to_cl(x), to_cl(dy)) if channels_last else (x, dy)
+    y, m, v, r = NB.batch_norm_forward(xx, w, b, EPS, channels_last=channels_last)
+    dx, _, _ = NB.batch_norm_backward(dd, xx, w, m, r, channels_last=channels_last)
+    if channels_last:
+        y, dx = np.moveaxis(y, -1, 1), np.moveaxis(dx, -1, 1)
+    ours = [_err(a, e) for a, e in zip((y, m, v, dx), ref)]
+    # floors: one float32 rounding of the value itself (the mean is ~1e4, so 0.5 ulp = 5e-4)
+    floors = [1e-6 * 8, 0.5 * np.spacing(F32(1e4)), 1e-6, 1e-5]
+    for name, o, t, f in zip(("y", "mean", "var", "dx"), ours, theirs, floors):
+        assert o <= max(t, f), f"{name}: ours {o:.3g} vs torch {t:.3g}"
+    assert ours[0] < 1e-5 and ours[2] < 1e-5          # float32 rounding, not cancellation
+
+
+def test_float32_large_offset_row_and_group_norms_at_least_as_accurate_as_torch():
+    x = data((4, 9000), F32, offset=1e4, scale=1.0)      # rows of several cache blocks
+    dy = data((4, 9000), F32, seed=3, offset=0.0, scale=1.0)
+    yr, c = R.layer_norm_forward(x, 9000, eps=EPS)
+    dxr = R.layer_norm_backward(dy, c)[0]
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt, mt, rt = torch.ops.aten.native_layer_norm(xt, (9000,), None, None, EPS)
+    (dxt,) = torch.autograd.grad(yt, xt, torch.from_numpy(dy))
+    y, m, r = NB.layer_norm_forward(x, 9000, None, None, EPS)
+    dx = NB.layer_norm_backward(dy, x, 9000, None, m, r)[0]
+    assert _err(y, yr) <= max(_err(yt.detach().numpy(), yr), 1e-5)
+    assert _err(r, c["rstd"].ravel()) <= max(_err(rt.detach().numpy().ravel(), c["rstd"].ravel()), 1e-6)
+    assert _err(dx, dxr) <= max(_err(dxt.numpy(), dxr), 1e-5)
+
+    x = data((4, 8, 12, 12), F32, offset=1e4, scale=1.0)
+    yr, c = R.group_norm_forward(x, 2, eps=EPS)
+    yt = torch.nn.functional.group_norm(torch.from_numpy(x), 2, None, None, EPS).numpy()
+    for cl in (False, True):
+        xx = to_cl(x) if cl else x
+        y, m, r = NB.group_norm_forward(xx, 2, None, None, EPS, channels_last=cl)
+        y = np.moveaxis(y, -1, 1) if cl else y
+        assert _err(y, yr) <= max(_err(yt, yr), 1e-5)
+
+
+def test_backward_refines_a_rounded_mean_in_training_only():
+    """The saved mean is only a pivot in training: dx is exact even when it is off by 0.01."""
+    x, dy, w, b, _ = _bn_case((6, 3, 5, 7), F64, False, True, True)
+    y, m, v, r = NB.batch_norm_forward(x, w, b, EPS)
+    exact = NB.batch_norm_backward(dy, x, w, m, r)
+    shifted = NB.batch_norm_backward(dy, x, w, m + 0.01, r)
+    for a, e in zip(shifted, exact):
+        close(a, e, F64, "training grads with a shifted mean")
+    # inference: the given mean is a constant of the model, used as given
+    _, dw_given, _ = NB.batch_norm_backward(dy, x, w, m + 0.01, r, training=False)
+    _, dw_exact, _ = NB.batch_norm_backward(dy, x, w, m, r, training=False)
+    assert not np.allclose(dw_given, dw_exact)
+    xl = data((5, 33), F64)
+    yl, ml, rl = NB.layer_norm_forward(xl, 33, None, None, EPS)
+    close(NB.layer_norm_backward(xl, xl, 33, None, ml + 0.01, rl)[0],
+          NB.layer_norm_backward(xl, xl, 33, None, ml, rl)[0], F64, "ln dx")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NC", "CL"])
+def test_nan_propagates_to_its_own_statistic_only(channels_last):
+    """No fast-math nnan: a NaN poisons its channel / row / group, nothing else."""
+    x = data((4, 3, 6, 5), F32)
+    x[1, 1, 2, 3] = np.nan
+    xx = to_cl(x) if channels_last else x
+    axis = -1 if channels_last else 1
+    y, m, v, r = NB.batch_norm_forward(xx, None, None, EPS, channels_last=channels_last)
+    assert np.isnan(m).tolist() == [False, True, False]
+    assert np.isnan(np.moveaxis(y, axis, 0)).any(axis=(1, 2, 3)).tolist() == [False, True, False]
+    y, m, v, r = NB.instance_norm_forward(xx, None, None, EPS, channels_last=channels_last)
+    assert np.argwhere(np.isnan(m)).tolist() == [[1, 1]]
+    y, m, r = NB.group_norm_forward(xx, 3, None, None, EPS, channels_last=channels_last)
+    assert np.argwhere(np.isnan(m)).tolist() == [[1, 1]]
+    y, m, r = NB.layer_norm_forward(x, (6, 5), None, None, EPS)
+    assert np.argwhere(np.isnan(m)).tolist() == [[1, 1]]
+
+
+def test_empty_batches_give_empty_outputs():
+    x = np.zeros((0, 3, 4), F32)
+    y, m, r = NB.layer_norm_forward(x, 4, np.ones(4), None, EPS)
+    assert y.shape == x.shape and m.shape == (0, 3)
+    dx, dw, db = NB.layer_norm_backward(x, x, 4, np.ones(4), m, r)
+    assert dx.shape == x.shape and dw.tolist() == [0.0] * 4
+    assert NB.group_norm_forward(x, 3, None, None, EPS)[1].shape == (0, 3)
+    assert NB.instance_norm_forward(x, None, None, EPS)[1].shape == (0, 3)
+    assert NB.batch_norm_forward(x, None, None, EPS, mean=np.zeros(3), var=np.ones(3))[0].shape == x.shape
+
+
+# --- arrays in, arrays out ---------------------------------------------------------------------
+
+def test_numpy_in_numpy_out_and_outputs_are_fresh():
+    x = data((4, 3, 5), F32)
+    y, m, v, r = NB.batch_norm_forward(x, None, None, EPS)
+    assert isinstance(y, np.ndarray) and not np.shares_memory(y, x)
+    assert _arrays.layout(x, False)[0] is x            # contiguous input: used as is
+
+
+def test_torch_tensors_in_torch_tensors_out_without_copying_the_input(monkeypatch):
+    xt = torch.from_numpy(data((4, 3, 6, 5), F32)).requires_grad_(True)
+    wt = torch.ones(3, requires_grad=True)
+    seen = []
+    real = NB._k.row_seg_forward
+
+    def spy(x, *args):
+        seen.append(x.__array_interface__["data"][0])
+        return real(x, *args)
+
+    monkeypatch.setattr(NB._k, "row_seg_forward", spy)
+    y, m, v, r = NB.instance_norm_forward(xt, wt, None, EPS)
+    assert seen and all(p == xt.data_ptr() for p in seen)
+    assert all(isinstance(t, torch.Tensor) for t in (y, m, v, r))
+    assert y.dtype == torch.float32 and not y.requires_grad
+    yn = NB.instance_norm_forward(xt.detach().numpy(), np.ones(3), None, EPS)[0]
+    np.testing.assert_array_equal(y.numpy(), yn)
+    assert _arrays.to_numpy(xt, "x").__array_interface__["data"][0] == xt.data_ptr()
+
+
+def test_channels_last_memory_runs_channels_last_kernels_without_a_copy(monkeypatch):
+    """A logical (N, C, H, W) tensor stored channels-last is not copied to NCHW."""
+    x = torch.from_numpy(data((4, 3, 6, 5), F32)).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    seen = []
+    real = NB._k.col_forward_chunks
+
+    def spy(xf, *args):
+        seen.append(xf.__array_interface__["data"][0])
+        return real(xf, *args)
+
+    monkeypatch.setattr(NB._k, "col_forward_chunks", spy)
+    y, m, v, r = NB.batch_norm_forward(x, None, None, EPS)   # declared channels-first
+    assert seen == [x.data_ptr()]
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    yr, c = R.batch_norm_forward(x.numpy(), eps=EPS)
+    close(y.numpy(), yr, F32, "y")
+    dy = torch.ones_like(x)
+    dx, _, _ = NB.batch_norm_backward(dy, x, None, m, r)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_non_contiguous_input_gives_the_contiguous_answer(dtype):
+    base = data((5, 6, 8, 9), dtype)
+    x = base[:, ::2, :, 1::2]                             # strided in every sense
+    assert not x.flags.c_contiguous and not np.moveaxis(x, 1, -1).flags.c_contiguous
+    xc = np.ascontiguousarray(x)
+    for fn in (lambda a: NB.batch_norm_forward(a, None, None, EPS),
+               lambda a: NB.group_norm_forward(a, 3, None, None, EPS),
+               lambda a: NB.instance_norm_forward(a, None, None, EPS),
+               lambda a: NB.layer_norm_forward(a, (8, 4), None, None, EPS)):
+        for a, e in zip(fn(x), fn(xc)):
+            np.testing.assert_array_equal(a, e)
+    xf = np.asfortranarray(data((7, 5), dtype))
+    np.testing.assert_array_equal(NB.layer_norm_forward(xf, 5, None, None, EPS)[0],
+                                  NB.layer_norm_forward(np.ascontiguousarray(xf), 5, None, None, EPS)[0])
+
+
+@pytest.mark.parametrize("bad", [np.float16, np.int32, np.complex64])
+def test_unsupported_dtype_raises_type_error_naming_it_and_the_fix(bad):
+    x = np.ones((4, 3, 5), dtype=bad)
+    with pytest.raises(TypeError, match=np.dtype(bad).name) as e:
+        NB.batch_norm_forward(x, None, None, EPS)
+    assert "numpy" in str(e.value) and "float32" in str(e.value)
+    with pytest.raises(TypeError, match="bfloat16"):
+        NB.layer_norm_forward(torch.ones(2, 4, dtype=torch.bfloat16), 4, None, None, EPS)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = data((4, 3, 5), F32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        NB.batch_norm_forward(x[:1, :, :1], None, None, EPS)
+    with pytest.raises(ValueError, match="both mean and var"):
+        NB.batch_norm_forward(x, None, None, EPS, mean=np.zeros(3))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        NB.batch_norm_forward(x, np.ones(4), None, EPS)
+    with pytest.raises(ValueError, match="negative"):
+        NB.batch_norm_forward(x, None, None, EPS, mean=np.zeros(3), var=-np.ones(3))
+    with pytest.raises(ValueError, match="eps"):
+        NB.layer_norm_forward(x, 5, None, None, 0.0)
+    with pytest.raises(ValueError, match="num_groups=2 does not divide"):
+        NB.group_norm_forward(x, 2, None, None, EPS)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        NB.instance_norm_forward(x[:, :, :1], None, None, EPS)
+    y, m, v, r = NB.batch_norm_forward(x, None, None, EPS)
+    with pytest.raises(ValueError, match="shape of x"):
+        NB.batch_norm_backward(x[:2], x, None, m, r)
+    with pytest.raises(ValueError, match="rstd must have 3 values"):
+        NB.batch_norm_backward(x, x, None, m, r[:2])
+    with pytest.raises(ValueError, match="trailing dimensions"):
+        NB.layer_norm_forward(x, 4, None, None, EPS)
+
+
+# --- the numpy backend -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NC", "CL"])
+@pytest.mark.parametrize("dtype", [np.float16, F32, F64], ids=["f16", "f32", "f64"])
+def test_numpy_backend_matches_the_numba_backend(dtype, channels_last):
+    ref_dt = F64 if dtype == np.float16 else dtype
+    x, dy, w, b, _ = _bn_case((5, 4, 3, 6), dtype, channels_last, True, True)
+    outs = []
+    for be in (NP, NB):
+        xx, dd = (x, dy) if be is NP else (x.astype(ref_dt), dy.astype(ref_dt))
+        y, m, v, r = be.batch_norm_forward(xx, w, b, EPS, channels_last=channels_last)
+        g = be.batch_norm_backward(dd, xx, w, m, r, channels_last=channels_last)
+        y2, m2, r2 = be.group_norm_forward(xx, 2, w, b, EPS, channels_last=channels_last)
+        g2 = be.group_norm_backward(dd, xx, 2, w, m2, r2, channels_last=channels_last)
+        y3, m3, v3, r3 = be.instance_norm_forward(xx, w, b, EPS, channels_last=channels_last)
+        g3 = be.instance_norm_backward(dd, xx, w, m3, r3, channels_last=channels_last)
+        ns = xx.shape[-2:]
+        wl, bl = params(None, True, shape=ns)
+        y4, m4, r4 = be.layer_norm_forward(xx, ns, wl, bl, EPS)
+        g4 = be.layer_norm_backward(dd, xx, ns, wl, m4, r4)
+        y5, r5 = be.rms_norm_forward(xx, ns, wl, None if dtype != np.float16 else EPS)
+        g5 = be.rms_norm_backward(dd, xx, ns, wl, r5)
+        outs.append((y, m, v, r) + g + (y2, m2, r2) + g2 + (y3, m3, v3, r3) + g3
+                    + (y4, m4, r4) + g4 + (y5, r5) + g5)
+    for a, e in zip(*outs):
+        assert a.dtype == dtype
+        if dtype == np.float16:
+            np.testing.assert_allclose(a.astype(F64), e, rtol=2e-2, atol=2e-2 * max(1, np.abs(e).max()))
+        else:
+            close(a, e, dtype)
+
+
+def test_numpy_backend_accepts_torch_tensors():
+    be = get_backend("numpy")
+    xt = torch.from_numpy(data((3, 8), F32))
+    y, m, r = be.layer_norm_forward(xt, 8, None, None, EPS)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+    np.testing.assert_allclose(y.numpy(), NB.layer_norm_forward(xt.numpy(), 8, None, None, EPS)[0],
+                               atol=1e-5)
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    return monkeypatch
+
+
+def test_every_backend_has_the_whole_contract(clean_env):
+    for name, info in kernels.available_backends().items():
+        assert info["available"], (name, info["reason"])
+        be = get_backend(name)
+        assert be.name == name
+        for fn in kernels.FUNCTIONS:
+            assert callable(getattr(be, fn))
+
+
+def test_resolution_order_argument_then_env_then_device_default(clean_env):
+    assert get_backend().name == "numba"                       # CPU default
+    clean_env.setenv(kernels.ENV_VAR, "numpy")
+    assert get_backend().name == "numpy"                       # env var beats the default
+    assert get_backend("numba").name == "numba"                # argument beats the env var
+    clean_env.setenv(kernels.ENV_VAR, "")
+    assert get_backend().name == "numba"                       # empty = unset
+    assert get_backend(device="cuda:0").name == "numpy"        # no default there: fallback
+    assert get_backend(dtype=np.float16).name == "numpy"       # numba cannot take float16
+    assert get_backend(dtype=torch.float32).name == "numba"
+
+
+def test_explicit_choice_that_cannot_run_raises_naming_it_and_the_options(clean_env):
+    with pytest.raises(ValueError, match=r"'triton'.*name argument.*valid choices here: 'numba', 'numpy'"):
+        get_backend("triton")
+    clean_env.setenv(kernels.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match=r"'nope'.*NORMLAB_BACKEND"):
+        get_backend()
+    clean_env.delenv(kernels.ENV_VAR)
+    with pytest.raises(ValueError, match=r"'numba'.*'cuda'.*runs on cpu"):
+        get_backend("numba", device="cuda")
+    with pytest.raises(ValueError, match=r"'numba'.*float16"):
+        get_backend("numba", dtype="float16")
+
+
+def test_numba_that_fails_to_import_raises_if_chosen_and_falls_back_if_automatic(clean_env):
+    def broken():
+        raise ImportError("No module named 'numba'")
+
+    entry = kernels._REGISTRY["numba"]
+    clean_env.setitem(kernels._REGISTRY, "numba", replace(entry, loader=broken))
+    clean_env.delitem(kernels._LOADED, "numba", raising=False)
+    be = get_backend()
+    assert be.name == "numpy"
+    info = kernels.available_backends()
+    assert not info["numba"]["available"] and "No module named" in info["numba"]["reason"]
+    with pytest.raises(ValueError, match="No module named 'numba'"):
+        get_backend("numba")
+    clean_env.setenv(kernels.ENV_VAR, "numba")
+    with pytest.raises(ValueError, match="NORMLAB_BACKEND"):
+        get_backend()
+    kernels._LOADED.pop("numba", None)                         # forget the failed load
+
+
+def test_register_backend_adds_a_device_default(clean_env):
+    clean_env.setattr(kernels, "_REGISTRY", dict(kernels._REGISTRY))
+    clean_env.setattr(kernels, "_DEVICE_DEFAULTS", dict(kernels._DEVICE_DEFAULTS))
+    clean_env.setattr(kernels, "_LOADED", dict(kernels._LOADED))
+    kernels.register_backend("fake", lambda: NP, devices=("cuda",), default_for=("cuda",))
+    assert get_backend(device="cuda").name == "fake"
+    assert get_backend(device="cpu").name == "numba"
