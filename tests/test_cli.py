@@ -31,3 +31,20 @@ def test_unknown_command_fails_with_usage(capsys):
     else:  # pragma: no cover - argparse always exits
         raise AssertionError("an unknown command must not succeed")
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_quick_smoke(tmp_path):
+    """`normlab bench --quick` runs end to end (no timing assertion: CI machines are noisy)."""
+    proc = subprocess.run([sys.executable, "-m", "normlab", "bench", "--quick", "--repeat", "1",
+                           "--min-time", "0.002", "--out", str(tmp_path), "--tag", "smoke"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parity mismatches: 0, errors: 0" in proc.stdout
+    assert (tmp_path / "cpu-smoke.md").exists() and (tmp_path / "cpu-smoke.json").exists()
+
+
+def test_info_lists_the_kernel_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numba   available" in out or "numba   unavailable" in out
+    assert "numpy   available" in out

@@ -1,4 +1,4 @@
-"""Command line: ``normlab info``."""
+"""Command line: ``normlab info`` and ``normlab bench``."""
 
 from __future__ import annotations
 
@@ -60,7 +60,18 @@ def info_lines() -> list[str]:
             lines.append("gpu none (torch.cuda.is_available() is False)")
     except Exception as e:  # torch missing or broken: say so, do not hide it
         lines.append(f"gpu unknown (torch not importable: {e})")
-    lines.append("backends: reference (NumPy float64, always available)")
+    try:
+        from normlab.kernels import available_backends
+
+        backends = available_backends()
+    except Exception as e:  # say what is broken rather than hide it
+        lines.append(f"backends: unknown (normlab.kernels not importable: {type(e).__name__}: {e})")
+    else:
+        lines.append("backends:")
+        for name, b in backends.items():
+            state = "available" if b["available"] else f"unavailable ({b['reason']})"
+            default = f"; default for {', '.join(b['default_for'])}" if b["default_for"] else ""
+            lines.append(f"  {name:<7} {state}; {b['description']}{default}")
     lines.append(f"NORMLAB_BACKEND={os.environ.get('NORMLAB_BACKEND', '(unset)')}")
     return lines
 
@@ -69,9 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, backends and CPU/GPU facts")
+    from normlab import bench
+
+    bench.add_arguments(sub.add_parser(
+        "bench", help="time the kernels against torch, NumPy, scikit-learn and a memory copy",
+        description="Time normlab's kernels against torch.nn.functional, the NumPy tutorial code, "
+                    "scikit-learn and memory-copy bandwidth (see benchmarks/README.md)."))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
+        return 0
+    if args.command == "bench":
+        args.argv = argv[1:]
+        return bench.run(args)
     return 0
 
 
