@@ -27,7 +27,7 @@ from normlab.layers import layer_norm as layer_norm_module
 
 F32, F64 = np.float32, np.float64
 
-# The layers compute in float64 and round once, so against the float64 reference computed from
+# The layers accumulate in float64 and round once, so against the float64 reference computed from
 # the same (upcast) input the float32 error is a few ulps of the output.
 REF_TOL = {F64: dict(rtol=1e-12, atol=1e-12), F32: dict(rtol=1e-5, atol=1e-5)}
 # torch computes float32 in float32 (its own summation order): looser.
@@ -882,3 +882,43 @@ def test_reset_repr_and_pickle():
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# backends: the layers run on normlab.kernels
+
+
+LAYER_FACTORIES = [
+    ("BatchNorm", lambda **kw: BatchNorm(3, **kw), (6, 3, 5)),
+    ("InstanceNorm", lambda **kw: InstanceNorm(3, affine=True, **kw), (4, 3, 7)),
+    ("GroupNorm", lambda **kw: GroupNorm(3, 6, **kw), (4, 6, 5)),
+    ("LayerNorm", lambda **kw: LayerNorm((5,), **kw), (4, 3, 5)),
+    ("RMSNorm", lambda **kw: RMSNorm((5,), **kw), (4, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("name, make, shape", LAYER_FACTORIES, ids=[f[0] for f in LAYER_FACTORIES])
+def test_float32_runs_on_the_numba_kernels_and_agrees_with_the_numpy_backend(name, make, shape):
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    x = sample(rng, shape, F32)
+    dy = sample(rng, shape, F32, step=1)
+    fast, slow = make(), make(backend="numpy")
+    y_fast, y_slow = fast.forward(x), slow.forward(x)
+    assert fast._ctx.backend == "numba" and slow._ctx.backend == "numpy"
+    np.testing.assert_allclose(y_fast, y_slow, **REF_TOL[F32])
+    np.testing.assert_allclose(fast.backward(dy), slow.backward(dy), **REF_TOL[F32])
+    np.testing.assert_allclose(fast.dweight, slow.dweight, **REF_TOL[F32])
+
+
+def test_float16_falls_back_to_the_numpy_backend_unless_numba_is_insisted_on():
+    x = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float16)
+    bn = BatchNorm(3)
+    assert bn.forward(x).dtype == np.float16 and bn._ctx.backend == "numpy"
+    with pytest.raises(ValueError, match="numba"):
+        BatchNorm(3, backend="numba").forward(x)
+
+
+def test_unknown_backend_is_refused_at_construction():
+    with pytest.raises(ValueError, match="backend='cuda-magic'"):
+        LayerNorm(4, backend="cuda-magic")

@@ -6,7 +6,9 @@ buffer names and ``state_dict`` keys, so checkpoints move both ways between thes
 torch.nn.
 
 Dtype policy: parameters and running statistics are stored in the constructor's ``dtype``
-(float32 by default); the math runs in float64 (today through ``normlab.reference``);
+(float32 by default); the math runs on ``normlab.kernels`` (the fused numba kernels for
+float32/float64 input, with float64 accumulation; the float64 NumPy backend for other floats
+or when a layer is built with ``backend="numpy"``; Batch Renorm on the float64 reference);
 ``y`` and ``dx`` come back in the input's dtype, ``dweight`` and ``dbias`` in the parameter
 dtype. Non-floating input is refused rather than promoted.
 

@@ -34,14 +34,17 @@ class NormLayer:
     ``running_mean``, ``running_var``, ``num_batches_tracked`` (buffers, None when not
     tracked), ``dweight``, ``dbias`` (gradients of the last ``backward``, None when the
     parameter is absent or before any backward), ``dtype`` (of parameters and running
-    statistics), ``eps``, ``momentum``.
+    statistics), ``eps``, ``momentum``, ``backend`` (the kernel backend name every layer's
+    constructor takes as ``backend=``: None for the registry's choice, i.e. ``NORMLAB_BACKEND``,
+    then numba on CPU, then the float64 NumPy fallback; ``"numba"`` or ``"numpy"`` to insist).
     """
 
     _repr_fields: tuple = ()
 
     def __init__(self, *, param_shape: tuple, weight: bool, bias: bool, stats_shape: tuple | None,
-                 eps, momentum, dtype):
+                 eps, momentum, dtype, backend=None):
         self.dtype = _validate.param_dtype(dtype)
+        self.backend = _validate.backend_name(backend)
         self.eps = eps
         self.momentum = momentum
         self._param_shape = tuple(param_shape)
@@ -93,7 +96,7 @@ class NormLayer:
         # updates self.weight in place before backward is called (they are only C values)
         weight = None if self.weight is None else self.weight.copy()
         bias = None if self.bias is None else self.bias.copy()
-        y, ctx, stats = _ops.forward(method, x, weight, bias, **options)
+        y, ctx, stats = _ops.forward(method, x, weight, bias, backend=self.backend, **options)
         if training and self.track_running_stats:
             _validate.check_finite_stats(stats.mean, stats.var, name)
             self._update_running_stats(stats)

@@ -123,3 +123,15 @@ def check_state_entry(owner: str, key: str, value: np.ndarray, shape: tuple, int
             f"{owner}.load_state_dict: 'running_var' has negative entries (min {value.min()!r}); a "
             f"variance is >= 0, so the checkpoint is corrupted (nothing was loaded)"
         )
+
+
+def backend_name(backend):
+    """None (the registry chooses) or the name of a registered kernel backend."""
+    if backend is None:
+        return None
+    from ..kernels import available_backends
+
+    names = sorted(available_backends())
+    if not isinstance(backend, str) or backend not in names:
+        raise ValueError(f"backend must be None (automatic) or one of {names}, got backend={backend!r}")
+    return backend

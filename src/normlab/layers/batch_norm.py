@@ -64,7 +64,7 @@ class BatchNorm(NormLayer):
                     "channels_last")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, channels_last=False, dtype=np.float32):
+                 track_running_stats=True, *, channels_last=False, dtype=np.float32, backend=None):
         self.num_features = _checks.check_positive_int(num_features, "num_features")
         _checks.check_eps(eps)
         _checks.check_momentum(momentum)
@@ -73,7 +73,7 @@ class BatchNorm(NormLayer):
         C = self.num_features
         super().__init__(param_shape=(C,), weight=self.affine, bias=self.affine,
                          stats_shape=(C,) if track_running_stats else None,
-                         eps=eps, momentum=momentum, dtype=dtype)
+                         eps=eps, momentum=momentum, dtype=dtype, backend=backend)
 
     def _check_input(self, x, batch_stats):
         self._check_channel_input(x, 2, self.num_features)
@@ -127,7 +127,7 @@ class BatchRenorm(NormLayer):
     _repr_fields = ("num_features", "eps", "momentum", "affine", "r_max", "d_max", "channels_last")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, *, r_max=3.0,
-                 d_max=5.0, channels_last=False, dtype=np.float32):
+                 d_max=5.0, channels_last=False, dtype=np.float32, backend=None):
         self.num_features = _checks.check_positive_int(num_features, "num_features")
         _checks.check_eps(eps)
         _checks.check_momentum(momentum)
@@ -137,7 +137,7 @@ class BatchRenorm(NormLayer):
         self.channels_last = bool(channels_last)
         C = self.num_features
         super().__init__(param_shape=(C,), weight=self.affine, bias=self.affine, stats_shape=(C,),
-                         eps=eps, momentum=momentum, dtype=dtype)
+                         eps=eps, momentum=momentum, dtype=dtype, backend=backend)
 
     def _uses_batch_stats(self, training):
         return training

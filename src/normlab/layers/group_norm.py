@@ -48,7 +48,7 @@ class GroupNorm(NormLayer):
     _repr_fields = ("num_groups", "num_channels", "eps", "affine", "channels_last")
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, bias=True,
-                 channels_last=False, dtype=np.float32):
+                 channels_last=False, dtype=np.float32, backend=None):
         self.num_channels = _checks.check_positive_int(num_channels, "num_channels")
         _checks.check_groups(num_groups, self.num_channels)
         self.num_groups = int(num_groups)
@@ -57,7 +57,7 @@ class GroupNorm(NormLayer):
         self.channels_last = bool(channels_last)
         super().__init__(param_shape=(self.num_channels,), weight=self.affine,
                          bias=self.affine and bool(bias), stats_shape=None, eps=eps,
-                         momentum=None, dtype=dtype)
+                         momentum=None, dtype=dtype, backend=backend)
 
     def _check_input(self, x, batch_stats):
         self._check_channel_input(x, 2, self.num_channels)

@@ -60,7 +60,7 @@ class InstanceNorm(NormLayer):
                     "channels_last")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, *, channels_last=False, dtype=np.float32):
+                 track_running_stats=False, *, channels_last=False, dtype=np.float32, backend=None):
         self.num_features = _checks.check_positive_int(num_features, "num_features")
         _checks.check_eps(eps)
         _checks.check_momentum(momentum)
@@ -69,7 +69,7 @@ class InstanceNorm(NormLayer):
         C = self.num_features
         super().__init__(param_shape=(C,), weight=self.affine, bias=self.affine,
                          stats_shape=(C,) if track_running_stats else None,
-                         eps=eps, momentum=momentum, dtype=dtype)
+                         eps=eps, momentum=momentum, dtype=dtype, backend=backend)
 
     def _check_input(self, x, batch_stats):
         self._check_channel_input(x, 3, self.num_features)

@@ -45,13 +45,13 @@ class LayerNorm(NormLayer):
     _repr_fields = ("normalized_shape", "eps", "elementwise_affine")
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
-                 dtype=np.float32):
+                 dtype=np.float32, backend=None):
         self.normalized_shape = _checks.normalized_shape_tuple(normalized_shape)
         _checks.check_eps(eps)
         self.elementwise_affine = bool(elementwise_affine)
         super().__init__(param_shape=self.normalized_shape, weight=self.elementwise_affine,
                          bias=self.elementwise_affine and bool(bias), stats_shape=None, eps=eps,
-                         momentum=None, dtype=dtype)
+                         momentum=None, dtype=dtype, backend=backend)
 
     def _check_input(self, x, batch_stats):
         _checks.check_normalized_shape(x, self.normalized_shape, type(self).__name__)
@@ -92,12 +92,12 @@ class RMSNorm(NormLayer):
 
     _repr_fields = ("normalized_shape", "eps", "elementwise_affine")
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, backend=None):
         self.normalized_shape = _checks.normalized_shape_tuple(normalized_shape)
         _checks.check_eps(eps, allow_none=True)
         self.elementwise_affine = bool(elementwise_affine)
         super().__init__(param_shape=self.normalized_shape, weight=self.elementwise_affine,
-                         bias=False, stats_shape=None, eps=eps, momentum=None, dtype=dtype)
+                         bias=False, stats_shape=None, eps=eps, momentum=None, dtype=dtype, backend=backend)
 
     def _check_input(self, x, batch_stats):
         _checks.check_normalized_shape(x, self.normalized_shape, type(self).__name__)
