@@ -73,7 +73,7 @@ NAME = "numba"
 #: most row tasks of a row kernel (tasks are contiguous runs of rows)
 ROW_TASKS = 256
 #: per-task float64 partials of LayerNorm's dweight/dbias stay under this many elements
-ROW_PARTIAL_ELEMS = 1 << 18
+ROW_PARTIAL_ELEMS = 1 << 15
 #: column kernels: bytes of x per (row chunk x column tile), re-read from L2 by the two-pass
 COL_CHUNK_BYTES = 1 << 18
 #: column kernels: widest column tile
