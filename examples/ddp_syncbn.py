@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import normlab.nn as nln
-from normlab.nn.sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
+from normlab.nn import SyncBatchNorm, convert_sync_batchnorm
 
 
 def main():

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import normlab.nn as nln
-from normlab.nn.sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
+from normlab.nn import SyncBatchNorm, convert_sync_batchnorm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -39,20 +39,26 @@ def _launch(tmp_path, mode, world=2, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sync")
-    outs = _launch(tmp, "cases")
-    for rc, out, err in outs:
-        assert rc == 0, err[-3000:]
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+def rank_results(tmp_path_factory):
+    """Per world size (2 and 3 ranks), the saved results of every rank."""
+    res = {}
+    for world in (2, 3):
+        tmp = tmp_path_factory.mktemp(f"sync{world}")
+        outs = _launch(tmp, "cases", world=world)
+        for rc, out, err in outs:
+            assert rc == 0, err[-3000:]
+        res[world] = [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+    return res
 
 
 def _expected(case_index):
-    name, shape, sizes, cl, momentum, affine = sync_worker.CASES[case_index]
+    name, shape, sizes, cl, momentum, affine, dtype = sync_worker.CASES[case_index]
+    dtype = getattr(torch, dtype)
     x, grads = sync_worker.global_data(shape, case_index)
+    x, grads = x.to(dtype), grads.to(dtype)
     bn_cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
               5: torch.nn.BatchNorm3d}[len(shape)]
-    m = bn_cls(shape[1], momentum=momentum, affine=affine, dtype=torch.float64)
+    m = bn_cls(shape[1], momentum=momentum, affine=affine, dtype=dtype)
     if affine:
         with torch.no_grad():
             m.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
@@ -69,15 +75,15 @@ def _expected(case_index):
     out["running_mean"], out["running_var"] = m.running_mean, m.running_var
     m.eval()
     out["y_eval"] = m(x).detach()
-    return out, sizes, cl, affine
+    return out, sizes, cl, affine, dtype
 
 
 @pytest.mark.parametrize("i", range(len(sync_worker.CASES)), ids=[c[0] for c in sync_worker.CASES])
-def test_two_ranks_equal_one_batch_norm_on_the_global_batch(two_rank_results, i):
+def test_ranks_equal_one_batch_norm_on_the_global_batch(rank_results, i):
     name = sync_worker.CASES[i][0]
-    exp, sizes, cl, affine = _expected(i)
-    ranks = [r[name] for r in two_rank_results]
-    tol = dict(rtol=1e-10, atol=1e-10)
+    exp, sizes, cl, affine, dtype = _expected(i)
+    ranks = [r[name] for r in rank_results[len(sizes)]]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for step in range(2):
         for key in (f"y{step}", f"dx{step}"):
             got = torch.cat([r[key] for r in ranks])
@@ -88,11 +94,33 @@ def test_two_ranks_equal_one_batch_norm_on_the_global_batch(two_rank_results, i)
                 torch.testing.assert_close(got, exp[key], **tol, msg=f"{name} {key}")
         if cl:
             assert all(r[f"cl{step}"] for r, n in zip(ranks, sizes) if n), "channels-last lost"
+        # exactly one collective in the forward and one in the backward, on every rank
+        assert all(r[f"collectives{step}"] == (1, 1) for r in ranks), [r[f"collectives{step}"] for r in ranks]
     for r in ranks:   # identical running statistics on every rank, equal to the global BN's
         torch.testing.assert_close(r["running_mean"], exp["running_mean"], **tol)
         torch.testing.assert_close(r["running_var"], exp["running_var"], **tol)
         assert r["num_batches_tracked"] == 2
     torch.testing.assert_close(torch.cat([r["y_eval"] for r in ranks]), exp["y_eval"], **tol)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_training_steps_match_single_process_training(tmp_path, world):
+    outs = _launch(tmp_path, "ddp", world=world)
+    for rc, out, err in outs:
+        assert rc == 0, err[-3000:]
+    sizes = (5, 1, 3) if world == 3 else (5, 4)
+    x, y = sync_worker.ddp_data(sum(sizes))
+    model = sync_worker.ddp_model(torch.float64, torch.nn.BatchNorm1d)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[step]), y[step]).backward()
+        opt.step()
+    expected = model.state_dict()
+    for r in range(world):
+        got = torch.load(tmp_path / f"ddp_rank{r}.pt")
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-10, msg=f"rank {r} {k}")
 
 
 def test_a_dead_peer_gives_a_clear_error_not_a_hang(tmp_path):

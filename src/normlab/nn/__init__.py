@@ -1,8 +1,20 @@
-"""normlab.nn: drop-in PyTorch normalization modules and functional API."""
+"""normlab.nn: drop-in PyTorch normalization modules, the batch-norm variants, and model tools."""
 
-from . import functional
+from . import functional, tools
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                       InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm)
+from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
+from .tools import (adapt_batchnorm, available_norms, convert_norms, create_norm, fold_batchnorm,
+                    freeze_batchnorm, recalibrate_batchnorm)
+from .variants import (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, FrozenBatchNorm,
+                       FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, GhostBatchNorm1d,
+                       GhostBatchNorm2d, GhostBatchNorm3d)
 
-__all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
-           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm"]
+__all__ = ["functional", "tools", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
+           "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+           "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
+           "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+           "SyncBatchNorm", "convert_sync_batchnorm",
+           "create_norm", "available_norms", "convert_norms", "fold_batchnorm",
+           "recalibrate_batchnorm", "adapt_batchnorm", "freeze_batchnorm"]

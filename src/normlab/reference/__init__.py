@@ -8,6 +8,8 @@ measured against.
 
 from .batch_norm import batch_norm_backward, batch_norm_forward
 from .batch_renorm import batch_renorm_backward, batch_renorm_forward
+from .ghost_batch_norm import (ghost_batch_norm_backward, ghost_batch_norm_forward,
+                               virtual_batch_slices)
 from .group_norm import group_norm_backward, group_norm_forward
 from .instance_norm import instance_norm_backward, instance_norm_forward
 from .layer_norm import layer_norm_backward, layer_norm_forward
@@ -17,6 +19,7 @@ from .rms_norm import rms_norm_backward, rms_norm_forward
 __all__ = [
     "batch_norm_forward", "batch_norm_backward",
     "batch_renorm_forward", "batch_renorm_backward",
+    "ghost_batch_norm_forward", "ghost_batch_norm_backward", "virtual_batch_slices",
     "group_norm_forward", "group_norm_backward",
     "instance_norm_forward", "instance_norm_backward",
     "layer_norm_forward", "layer_norm_backward",
