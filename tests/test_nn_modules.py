@@ -6,11 +6,24 @@ import copy
 import io
 import pickle
 
+import numba
 import pytest
 import torch
 from torch import nn
 
 import normlab.nn as nl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread pools only add contention on a small shared machine (see
+    test_nn_fused.one_thread); the kernels' results do not depend on the thread count."""
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])
 
 # (normlab class, torch.nn twin, constructor args, input shape)
 MODULES = [

@@ -9,24 +9,58 @@ cumulative average, as torch.nn's modules do)::
     running_var  <- (1 - f) * running_var  + f * var_B * M / (M - 1)     # unbiased
 
 Channels-last (``torch.channels_last`` / ``channels_last_3d``) inputs give channels-last outputs.
+
+Which implementation runs: the kernel registry (``normlab.kernels.get_backend``) is asked for
+the input's device and dtype. When it picks the fused ``numba`` backend (CPU, float32/float64,
+weight and bias of the same dtype), the fused custom ops of ``_fused`` run (fused forward and
+backward kernels, ``torch.compile``-able); otherwise -- other devices, 16-bit dtypes,
+``NORMLAB_BACKEND=numpy`` -- the differentiable torch composite (``_composite``) runs. As
+everywhere in normlab, an explicit choice (``NORMLAB_BACKEND``) that cannot run raises
+``ValueError``; the automatic choice falls back. Empty inputs always take the composite path.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .. import _checks
-from . import _composite
+from ..kernels import ENV_VAR, get_backend
+from . import _composite, _fused
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
-def _channel_view(v, ndim):
-    if v is None:
-        return None
-    return v.view((1, -1) + (1,) * (ndim - 2))
+
+@torch.compiler.assume_constant_result
+def _registry_picks_fused(device_type: str, dtype_name: str, env: str) -> bool:
+    """Whether the registry resolves to the fused backend (raises for an impossible explicit choice).
+
+    ``env`` is the value of ``NORMLAB_BACKEND``. Under ``torch.compile`` the answer is a
+    trace-time constant (dynamo does not trace the registry): a compiled model keeps the choice
+    made when it was traced, and changing ``NORMLAB_BACKEND`` afterwards needs
+    ``torch._dynamo.reset()`` (or a fresh ``torch.compile``) to take effect.
+    """
+    try:
+        return get_backend(None, device=device_type, dtype=dtype_name).name == _fused.BACKEND
+    except ValueError:
+        if env.strip():     # an explicit choice that cannot run: the registry's error stands
+            raise
+        return False        # no kernel backend at all (e.g. bfloat16): the torch composite
+
+
+def _use_fused(input, *params) -> bool:
+    """True when the fused ops apply to ``input`` (see the module docstring)."""
+    if input.numel() == 0:
+        return False
+    dtype_name = str(input.dtype).replace("torch.", "")
+    if not _registry_picks_fused(input.device.type, dtype_name, os.environ.get(ENV_VAR, "")):
+        return False
+    return input.dtype in _KERNEL_DTYPES and all(
+        p is None or (p.dtype == input.dtype and p.device == input.device) for p in params)
 
 
 def _check_stat_vectors(C, **vectors):
@@ -46,6 +80,14 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
         running_var.mul_(1.0 - f).add_(unbiased.to(running_var.dtype), alpha=f)
 
 
+def _normalize_given(input, running_mean, running_var, weight, bias, eps):
+    """Normalize every channel with the given statistics (BN inference, IN with running stats)."""
+    if _use_fused(input, weight, bias, running_mean, running_var):
+        return _fused.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    y, _, _ = _composite.batch_norm(input, weight, bias, eps, running_mean, running_var)
+    return y
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """Batch norm over (N, *spatial) per channel of an (N, C, *spatial) tensor.
@@ -57,22 +99,20 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _checks.check_eps(eps)
     C = input.shape[1]
     _check_stat_vectors(C, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    dims = [0] + list(range(2, input.ndim))
-    w, b = _channel_view(weight, input.ndim), _channel_view(bias, input.ndim)
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
-        y, _, _ = _composite.normalize(input, dims, eps, mean=_channel_view(running_mean, input.ndim),
-                                       var=_channel_view(running_var, input.ndim), weight=w, bias=b)
-        return y
+        return _normalize_given(input, running_mean, running_var, weight, bias, eps)
     count = input.numel() // C if C else 0
     if count == 0:  # an empty batch: empty output, running statistics left as they are
         return input.clone()
     if training:
         _checks.check_values_per_channel(count, input.shape, "batch_norm")
-    y, mean, var = _composite.normalize(input, dims, eps, weight=w, bias=b)
+    if _use_fused(input, weight, bias):
+        y, mean, var = _fused.batch_norm_train(input, weight, bias, eps)
+    else:
+        y, mean, var = _composite.batch_norm(input, weight, bias, eps)
     if training and momentum is not None and (running_mean is not None or running_var is not None):
-        _update_running(running_mean, running_var, mean.detach().reshape(C), var.detach().reshape(C),
-                        count, momentum)
+        _update_running(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     return y
 
 
@@ -87,14 +127,10 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     _checks.check_eps(eps)
     N, C = input.shape[:2]
     _check_stat_vectors(C, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    w, b = _channel_view(weight, input.ndim), _channel_view(bias, input.ndim)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
-        y, _, _ = _composite.normalize(input, list(range(2, input.ndim)), eps,
-                                       mean=_channel_view(running_mean, input.ndim),
-                                       var=_channel_view(running_var, input.ndim), weight=w, bias=b)
-        return y
+        return _normalize_given(input, running_mean, running_var, weight, bias, eps)
     spatial = math.prod(input.shape[2:])
     if spatial <= 1 and input.numel() > 0:
         raise ValueError(
@@ -102,10 +138,13 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
             f"{tuple(input.shape)}; InstanceNorm of a single value is always 0")
     if input.numel() == 0:  # torch would write NaN into the running statistics here; we do not
         return input.clone()
-    y, mean, var = _composite.normalize(input, list(range(2, input.ndim)), eps, weight=w, bias=b)
+    if _use_fused(input, weight, bias):
+        y, mean, var = _fused.instance_norm(input, weight, bias, eps)
+    else:
+        y, mean, var = _composite.instance_norm(input, weight, bias, eps)
     if momentum is not None and (running_mean is not None or running_var is not None):
-        _update_running(running_mean, running_var, mean.detach().reshape(N, C).mean(0),
-                        var.detach().reshape(N, C).mean(0), spatial, momentum)
+        _update_running(running_mean, running_var, mean.detach().mean(0), var.detach().mean(0),
+                        spatial, momentum)
     return y
 
 
@@ -118,9 +157,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     _checks.check_param_shape(bias, shape, "bias")
     if input.numel() == 0:
         return input.clone()
-    dims = list(range(input.ndim - len(shape), input.ndim))
-    y, _, _ = _composite.normalize(input, dims, eps, weight=weight, bias=bias)
-    return y
+    if _use_fused(input, weight, bias):
+        return _fused.layer_norm(input, shape, weight, bias, eps)
+    return _composite.layer_norm(input, shape, weight, bias, eps)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -132,19 +171,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     _check_stat_vectors(C, weight=weight, bias=bias)
     if input.numel() == 0:
         return input.clone()
-    xg = input.reshape(N, num_groups, -1)
-    yg, _, _ = _composite.normalize(xg, [2], eps)
-    y = yg.reshape(input.shape)
-    if weight is not None or bias is not None:
-        yf = y.to(_composite.compute_dtype(y.dtype))
-        if weight is not None:
-            yf = yf * _channel_view(weight, input.ndim)
-        if bias is not None:
-            yf = yf + _channel_view(bias, input.ndim)
-        y = yf.to(input.dtype)
-    if input.is_contiguous(memory_format=torch.channels_last) and input.ndim == 4:
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    if _use_fused(input, weight, bias):
+        return _fused.group_norm(input, num_groups, weight, bias, eps)
+    return _composite.group_norm(input, num_groups, weight, bias, eps)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -157,6 +186,6 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     _checks.check_param_shape(weight, shape, "weight")
     if input.numel() == 0:
         return input.clone()
-    dims = list(range(input.ndim - len(shape), input.ndim))
-    y, _ = _composite.rms_normalize(input, dims, eps, weight=weight)
-    return y
+    if _use_fused(input, weight):
+        return _fused.rms_norm(input, shape, weight, eps)
+    return _composite.rms_norm(input, shape, weight, eps)

@@ -1,0 +1,339 @@
+r"""Fused autograd: torch.library custom ops whose forward and backward are the fused kernels.
+
+Layers (see ARCHITECTURE.md): ``normlab.kernels`` (the fused CPU kernels) -> these ops -> the
+dispatch in ``normlab.nn.functional`` -> the modules.
+
+One mechanism over a method table. Every method (``METHODS``) is described by one ``Method``
+record: how to call the backend's forward and backward kernels, the shape of its statistics,
+its memory pattern, and its differentiable torch composite. ``_define`` turns each record into
+two custom ops with the same uniform schema::
+
+    normlab::<name>(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var,
+                    SymInt[] arg, float eps) -> (Tensor y, Tensor mean, Tensor var, Tensor rstd)
+    normlab::<name>_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,
+                             SymInt[] arg, bool need_weight_grad, bool need_bias_grad)
+        -> (Tensor dx, Tensor dweight, Tensor dbias)
+
+``arg`` is ``normalized_shape`` (layer_norm, rms_norm), ``[num_groups]`` (group_norm) or ``[]``;
+``mean``/``var`` inputs are the given statistics of ``batch_norm_eval`` (None elsewhere). A
+statistic a method does not produce, and a gradient that was not asked for, is an empty
+``(0,)`` tensor (custom ops cannot return None). The statistics outputs are not differentiable
+(marked so): they are for running-statistics updates, which torch.nn does without grad.
+
+Each op gets a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through
+it, and an autograd formula (``register_autograd``) whose backward is the ``_backward`` op,
+i.e. the fused backward kernel. The ops are tagged ``needs_exact_strides``: inductor hands them
+inputs with exactly the strides seen while tracing, so the layout decision below is the same in
+the fake and the real implementation.
+
+Double backward: when the backward runs with ``create_graph=True`` (grad mode on), it
+differentiates the method's torch composite (``_composite``) instead of calling the kernel, so
+second-order gradients are exact (gradgradcheck passes) at composite speed.
+
+Zero copy and channels-last: the kernels take CPU tensors directly (``.numpy()`` views) and
+return tensors wrapping their result arrays. A channel-pattern input (batch/instance/group norm)
+of shape ``(N, C, *spatial)`` whose memory is ``(N, *spatial, C)`` -- ``torch.channels_last``,
+``channels_last_3d``, or a transposed ``(N, L, C)`` sequence -- is handed over as that contiguous
+view with ``channels_last=True``, and its output is created in the same memory format: neither
+is copied. Other non-contiguous inputs are made contiguous once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _composite
+
+__all__ = ["METHODS", "OPS", "BACKEND", "batch_norm_train", "batch_norm_eval", "instance_norm",
+           "group_norm", "layer_norm", "rms_norm", "channels_last_view"]
+
+#: the kernel backend the CPU implementations of the ops call
+BACKEND = "numba"
+
+
+def _backend(x: Tensor):
+    from ..kernels import get_backend
+
+    return get_backend(BACKEND, device="cpu", dtype=x.dtype)
+
+
+def channels_last_view(x: Tensor) -> bool:
+    """True when an (N, C, *spatial) tensor's memory is the contiguous (N, *spatial, C) array.
+
+    Tensors that are plainly contiguous too (C == 1, or no spatial extent) count as
+    channels-first: both readings are the same memory, and channels-first is the default.
+    """
+    return x.ndim >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+_EMPTY_SHAPE = (0,)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY_SHAPE) if t is None else t
+
+
+# --- the method table ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    """One normalization method as the generic ops see it.
+
+    ``forward(be, x, weight, bias, mean, var, arg, eps, cl) -> (y, mean, var, rstd)`` and
+    ``backward(be, dy, x, weight, mean, rstd, arg, cl, need_w, need_b) -> (dx, dw, db)`` call
+    the backend (None for what a method does not produce); ``x``/``dy`` arrive as the kernel
+    should see them (``cl``: the ``(N, *spatial, C)`` view). ``stats_shape(x, arg)`` is the
+    shape of the returned mean/rstd; ``channel_pattern`` says whether channels-last inputs are
+    kept as they are; ``composite(x, weight, bias, mean, var, arg, eps) -> y`` is the
+    differentiable torch equivalent used for second-order gradients.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    stats_shape: Callable
+    composite: Callable
+    channel_pattern: bool
+    given_stats: bool = False     # mean/var are inputs (inference), not outputs
+    returns_mean: bool = True     # the op returns the mean (not: given statistics, RMSNorm)
+    returns_var: bool = False     # the op returns the biased variance (for running statistics)
+
+
+def _bn_train_fwd(be, x, w, b, mean, var, arg, eps, cl):
+    return be.batch_norm_forward(x, w, b, eps, channels_last=cl)
+
+
+def _bn_eval_fwd(be, x, w, b, mean, var, arg, eps, cl):
+    y, _, _, rstd = be.batch_norm_forward(x, w, b, eps, channels_last=cl, mean=mean, var=var)
+    return y, None, None, rstd
+
+
+def _bn_bwd(training):
+    def backward(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+        return be.batch_norm_backward(dy, x, w, mean, rstd, channels_last=cl, training=training,
+                                      need_weight_grad=need_w, need_bias_grad=need_b)
+    return backward
+
+
+def _in_fwd(be, x, w, b, mean, var, arg, eps, cl):
+    return be.instance_norm_forward(x, w, b, eps, channels_last=cl)
+
+
+def _in_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+    return be.instance_norm_backward(dy, x, w, mean, rstd, channels_last=cl,
+                                     need_weight_grad=need_w, need_bias_grad=need_b)
+
+
+def _gn_fwd(be, x, w, b, mean, var, arg, eps, cl):
+    y, m, r = be.group_norm_forward(x, arg[0], w, b, eps, channels_last=cl)
+    return y, m, None, r
+
+
+def _gn_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+    return be.group_norm_backward(dy, x, arg[0], w, mean, rstd, channels_last=cl,
+                                  need_weight_grad=need_w, need_bias_grad=need_b)
+
+
+def _ln_fwd(be, x, w, b, mean, var, arg, eps, cl):
+    y, m, r = be.layer_norm_forward(x, tuple(arg), w, b, eps)
+    return y, m, None, r
+
+
+def _ln_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+    return be.layer_norm_backward(dy, x, tuple(arg), w, mean, rstd, need_weight_grad=need_w,
+                                  need_bias_grad=need_b)
+
+
+def _rms_fwd(be, x, w, b, mean, var, arg, eps, cl):
+    y, r = be.rms_norm_forward(x, tuple(arg), w, eps)
+    return y, None, None, r
+
+
+def _rms_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+    dx, dw = be.rms_norm_backward(dy, x, tuple(arg), w, rstd, need_weight_grad=need_w)
+    return dx, dw, None
+
+
+def _per_channel(x, arg):
+    return (x.shape[1],)
+
+
+def _per_instance(x, arg):
+    return (x.shape[0], x.shape[1])
+
+
+def _per_group(x, arg):
+    return (x.shape[0], arg[0])
+
+
+def _per_row(x, arg):
+    return tuple(x.shape[:x.ndim - len(arg)])
+
+
+METHODS = {m.name: m for m in (
+    Method("batch_norm_train", _bn_train_fwd, _bn_bwd(True), _per_channel,
+           lambda x, w, b, mean, var, arg, eps: _composite.batch_norm(x, w, b, eps)[0],
+           channel_pattern=True, returns_var=True),
+    Method("batch_norm_eval", _bn_eval_fwd, _bn_bwd(False), _per_channel,
+           lambda x, w, b, mean, var, arg, eps: _composite.batch_norm(x, w, b, eps, mean, var)[0],
+           channel_pattern=True, given_stats=True, returns_mean=False),
+    Method("instance_norm", _in_fwd, _in_bwd, _per_instance,
+           lambda x, w, b, mean, var, arg, eps: _composite.instance_norm(x, w, b, eps)[0],
+           channel_pattern=True, returns_var=True),
+    Method("group_norm", _gn_fwd, _gn_bwd, _per_group,
+           lambda x, w, b, mean, var, arg, eps: _composite.group_norm(x, arg[0], w, b, eps),
+           channel_pattern=True),
+    Method("layer_norm", _ln_fwd, _ln_bwd, _per_row,
+           lambda x, w, b, mean, var, arg, eps: _composite.layer_norm(x, tuple(arg), w, b, eps),
+           channel_pattern=False),
+    Method("rms_norm", _rms_fwd, _rms_bwd, _per_row,
+           lambda x, w, b, mean, var, arg, eps: _composite.rms_norm(x, tuple(arg), w, eps),
+           channel_pattern=False, returns_mean=False),
+)}
+
+
+# --- the generic mechanism -------------------------------------------------------------------
+
+def _kernel_view(method: Method, x: Tensor):
+    """``(view, cl)``: x as the kernel reads it, without a copy when its memory allows."""
+    if method.channel_pattern and channels_last_view(x):
+        return x.movedim(1, -1), True
+    return x.contiguous(), False
+
+
+def _own_layout(t: Tensor, cl: bool) -> Tensor:
+    """A kernel result back in (N, C, *spatial) order; for ``cl`` the (N, *spatial, C) memory
+    is reinterpreted with channels-last strides.
+
+    Not ``t.movedim(-1, 1)``: that is a view, and autograd forbids in-place changes of a view
+    returned by a custom op (``relu(inplace=True)`` after a norm). A fresh tensor ``set_`` to
+    the same storage with the permuted strides is not a view, and nothing is copied.
+    """
+    if not cl:
+        return t
+    perm = t.movedim(-1, 1)
+    out = t.new_empty(0)
+    out.set_(t.untyped_storage(), t.storage_offset(), perm.shape, perm.stride())
+    return out
+
+
+def _output_like(method: Method, x: Tensor) -> Tensor:
+    """An uninitialised tensor of x's shape in the memory format the op returns (fake impl)."""
+    if method.channel_pattern and channels_last_view(x):
+        return x.new_empty(x.movedim(1, -1).shape).movedim(-1, 1)
+    return x.new_empty(x.shape)
+
+
+def _define(method: Method):
+    """Register ``normlab::<name>`` and ``normlab::<name>_backward`` with fake and autograd."""
+    name = method.name
+    tags = (torch.Tag.needs_exact_strides,) if hasattr(torch.Tag, "needs_exact_strides") else ()
+
+    def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
+                var: Optional[Tensor], arg: Sequence[int], eps: float
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        xk, cl = _kernel_view(method, x)
+        y, m, v, r = method.forward(_backend(x), xk, weight, bias, mean, var, list(arg), eps, cl)
+        return _own_layout(y, cl), _or_empty(m, x), _or_empty(v, x), r
+
+    forward.__name__ = name
+    fwd_op = torch.library.custom_op(f"normlab::{name}", forward, mutates_args=(),
+                                     device_types="cpu", tags=tags)
+
+    @fwd_op.register_fake
+    def _(x, weight, bias, mean, var, arg, eps):
+        stats = method.stats_shape(x, arg)
+        m = x.new_empty(stats if method.returns_mean else _EMPTY_SHAPE)
+        v = x.new_empty(stats if method.returns_var else _EMPTY_SHAPE)
+        return _output_like(method, x), m, v, x.new_empty(stats)
+
+    def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                 arg: Sequence[int], need_weight_grad: bool, need_bias_grad: bool
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        xk, cl = _kernel_view(method, x)
+        dyk = (dy.movedim(1, -1) if cl else dy).contiguous()
+        dx, dw, db = method.backward(_backend(x), dyk, xk, weight, mean, rstd, list(arg), cl,
+                                     need_weight_grad, need_bias_grad)
+        return _own_layout(dx, cl), _or_empty(dw, x), _or_empty(db, x)
+
+    backward.__name__ = f"{name}_backward"
+    bwd_op = torch.library.custom_op(f"normlab::{name}_backward", backward, mutates_args=(),
+                                     device_types="cpu", tags=tags)
+
+    @bwd_op.register_fake
+    def _(dy, x, weight, mean, rstd, arg, need_weight_grad, need_bias_grad):
+        dx = _output_like(method, x)
+        shape = (x.shape[1],) if method.channel_pattern else tuple(arg)   # weight's shape
+        dw = x.new_empty(shape if need_weight_grad else _EMPTY_SHAPE)
+        db = x.new_empty(shape if need_bias_grad else _EMPTY_SHAPE)
+        return dx, dw, db
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, mean, var, arg, eps = inputs
+        _, m, v, r = output
+        ctx.mark_non_differentiable(m, v, r)
+        saved_mean = mean if method.given_stats else m
+        ctx.save_for_backward(x, weight, bias, saved_mean, var, r)
+        ctx.arg, ctx.eps = list(arg), eps
+
+    def autograd_backward(ctx, grad_y, _grad_mean, _grad_var, _grad_rstd):
+        x, weight, bias, mean, var, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = need_w and weight is not None, need_b and bias is not None
+        rest = (None,) * 4                       # mean, var (given statistics: constants), arg, eps
+        if torch.is_grad_enabled():              # create_graph=True: differentiate the composite
+            wanted = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
+            if not wanted:
+                return (None,) * 3 + rest
+            y = method.composite(x, weight, bias, mean, var, ctx.arg, ctx.eps)
+            grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True,
+                                             allow_unused=True))
+            return tuple(next(grads) if need else None for need in (need_x, need_w, need_b)) + rest
+        dx, dw, db = bwd_op(grad_y, x, weight, mean, rstd, ctx.arg, need_w, need_b)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None) + rest
+
+    fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
+    return fwd_op, bwd_op
+
+
+OPS = {name: _define(m) for name, m in METHODS.items()}
+
+
+# --- entry points (called by normlab.nn.functional) ------------------------------------------
+
+def _call(name, x, weight, bias, mean, var, arg, eps):
+    return OPS[name][0](x, weight, bias, mean, var, arg, float(eps))
+
+
+def batch_norm_train(x, weight, bias, eps):
+    """``(y, mean, var)``: batch statistics ``(C,)`` (biased variance), for the running update."""
+    y, mean, var, _ = _call("batch_norm_train", x, weight, bias, None, None, [], eps)
+    return y, mean, var
+
+
+def batch_norm_eval(x, weight, bias, mean, var, eps):
+    """``y`` normalized with the given per-channel statistics (BN inference, IN with running stats)."""
+    return _call("batch_norm_eval", x, weight, bias, mean, var, [], eps)[0]
+
+
+def instance_norm(x, weight, bias, eps):
+    """``(y, mean, var)``: per-(sample, channel) statistics ``(N, C)``."""
+    y, mean, var, _ = _call("instance_norm", x, weight, bias, None, None, [], eps)
+    return y, mean, var
+
+
+def group_norm(x, num_groups, weight, bias, eps):
+    return _call("group_norm", x, weight, bias, None, None, [int(num_groups)], eps)[0]
+
+
+def layer_norm(x, normalized_shape, weight, bias, eps):
+    return _call("layer_norm", x, weight, bias, None, None, list(normalized_shape), eps)[0]
+
+
+def rms_norm(x, normalized_shape, weight, eps):
+    return _call("rms_norm", x, weight, None, None, None, list(normalized_shape), eps)[0]
+
