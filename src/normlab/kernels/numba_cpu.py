@@ -48,9 +48,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
+import numba
 import numpy as np
 
 from .. import _checks
@@ -84,8 +86,35 @@ COL_WIDE = 256
 COL_PER_SLAB_MIN = 8
 #: BatchNorm on (N, C, *S): planes of at least this many values use the row kernels
 BN_ROW_MIN_INNER = 32
+#: inputs with fewer elements than this run on the calling thread alone. A parallel region
+#: costs a wake-up of the other threads: tens of microseconds on an idle machine, but on a busy
+#: one (or right after torch's own OpenMP pool ran, its threads still spinning) it was measured
+#: at 16-24 ms per region on 2 cores, against 0.1-0.4 ms for the same (16, 32, 16, 16) batch
+#: norm on one thread. torch avoids the same trap with grain sizes. The work partition, and so
+#: every result, does not depend on the thread count.
+SERIAL_BELOW = 1 << 19
 _DUMMY = np.zeros(1)
 _SCRATCH = threading.local()
+
+
+def _grain(fn):
+    """Run ``fn`` on one thread when its first argument (x or dy) is small (SERIAL_BELOW)."""
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        n = first.numel() if hasattr(first, "numel") else np.size(first)
+        if n >= SERIAL_BELOW:
+            return fn(first, *args, **kwargs)
+        threads = numba.get_num_threads()
+        if threads == 1:
+            return fn(first, *args, **kwargs)
+        numba.set_num_threads(1)
+        try:
+            return fn(first, *args, **kwargs)
+        finally:
+            numba.set_num_threads(threads)
+
+    return wrapper
 
 
 def _scratch(n: int) -> np.ndarray:
@@ -208,6 +237,7 @@ def _rstd(var, eps):
 
 # --- BatchNorm -------------------------------------------------------------------------------
 
+@_grain
 def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, var=None):
     r"""Batch norm forward: ``(y, mean, var, rstd)``, statistics ``(C,)`` in x's dtype.
 
@@ -274,6 +304,7 @@ def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, 
     return call.out(A.restore(y, channels_last, swapped), mean64, var64, rstd64)
 
 
+@_grain
 def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, training=True,
                         need_weight_grad=None, need_bias_grad=None):
     r"""Batch norm backward: ``(dx, dweight, dbias)``.
@@ -388,6 +419,7 @@ def _row_backward(dy, x, normalized_shape, weight, mean, rstd, centered, need_w,
     return call, dx, dweight, dbias
 
 
+@_grain
 def layer_norm_forward(x, normalized_shape, weight, bias, eps):
     r"""Layer norm over the trailing ``normalized_shape``: ``(y, mean, rstd)``.
 
@@ -399,6 +431,7 @@ def layer_norm_forward(x, normalized_shape, weight, bias, eps):
     return call.out(y, mean, rstd)
 
 
+@_grain
 def layer_norm_backward(dy, x, normalized_shape, weight, mean, rstd, *, need_weight_grad=None,
                         need_bias_grad=None):
     r"""Layer norm backward: ``(dx, dweight, dbias)`` (dweight/dbias of ``normalized_shape``)."""
@@ -408,6 +441,7 @@ def layer_norm_backward(dy, x, normalized_shape, weight, mean, rstd, *, need_wei
     return call.out(dx, dw, db)
 
 
+@_grain
 def rms_norm_forward(x, normalized_shape, weight, eps=None):
     r"""RMS norm over the trailing ``normalized_shape``: ``(y, rstd)``.
 
@@ -419,6 +453,7 @@ def rms_norm_forward(x, normalized_shape, weight, eps=None):
     return call.out(y, rstd)
 
 
+@_grain
 def rms_norm_backward(dy, x, normalized_shape, weight, rstd, *, need_weight_grad=None):
     r"""RMS norm backward: ``(dx, dweight)``."""
     call, dx, dw, _ = _row_backward(dy, x, normalized_shape, weight, None, rstd, False,
@@ -488,6 +523,7 @@ def _grouped_checks(call, x, channels_last, weight, bias, what, min_ndim, layout
     return C
 
 
+@_grain
 def group_norm_forward(x, num_groups, weight, bias, eps, *, channels_last=False):
     r"""Group norm forward: ``(y, mean, rstd)``, statistics ``(N, G)`` in x's dtype."""
     call = _Call(x)
@@ -499,6 +535,7 @@ def group_norm_forward(x, num_groups, weight, bias, eps, *, channels_last=False)
     return call.out(y, mean, _rstd(var, eps))
 
 
+@_grain
 def group_norm_backward(dy, x, num_groups, weight, mean, rstd, *, channels_last=False,
                         need_weight_grad=None, need_bias_grad=None):
     r"""Group norm backward: ``(dx, dweight, dbias)``."""
@@ -520,6 +557,7 @@ def _instance_spatial_check(x, channels_last):
             f"single value is always 0: use LayerNorm or BatchNorm for (N, C) data")
 
 
+@_grain
 def instance_norm_forward(x, weight, bias, eps, *, channels_last=False):
     r"""Instance norm forward (statistics per sample and channel): ``(y, mean, var, rstd)``, (N, C).
 
@@ -535,6 +573,7 @@ def instance_norm_forward(x, weight, bias, eps, *, channels_last=False):
     return call.out(y, mean, var, _rstd(var, eps))
 
 
+@_grain
 def instance_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, need_weight_grad=None,
                            need_bias_grad=None):
     r"""Instance norm backward: ``(dx, dweight, dbias)``."""
