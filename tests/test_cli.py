@@ -40,6 +40,8 @@ def test_bench_quick_smoke(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parity mismatches: 0, errors: 0" in proc.stdout
+    assert "nn modules fwd+bwd vs torch.nn: median x" in proc.stdout and "MISMATCH" not in proc.stdout
+    assert "training step, normlab norms vs torch.nn norms: x" in proc.stdout
     assert (tmp_path / "cpu-smoke.md").exists() and (tmp_path / "cpu-smoke.json").exists()
 
 

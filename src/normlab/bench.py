@@ -971,7 +971,12 @@ def write_report(report: dict, out_dir, tag: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{report['device']}-{tag}"
     md, js = out / f"{stem}.md", out / f"{stem}.json"
-    md.write_text(markdown(report))
+    text = markdown(report)
+    if report.get("frontends"):
+        from normlab import bench_frontends
+
+        text += "\n" + bench_frontends.markdown(report["frontends"])
+    md.write_text(text)
     js.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
     return md, js
 
@@ -1009,6 +1014,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tag", default=None,
                         help="file name tag (default: the date, plus -quick / -cases)")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit")
+    parser.add_argument("--no-frontends", action="store_true",
+                        help="skip the front-end tables (normlab.nn modules vs torch.nn, a ResNet "
+                             "training step, the NumPy layers and BatchNormalizer vs the tutorial "
+                             "code and StandardScaler); they are skipped anyway with --cases")
     return parser
 
 
@@ -1081,13 +1090,27 @@ def run(args: argparse.Namespace) -> int:
                     command=" ".join(["normlab", "bench"] + list(getattr(args, "argv", None) or [])))
     report = run_suite(cases, backend, repeat=repeat, min_time=min_time, threads=args.threads,
                        settings=settings)
+    if not (args.no_frontends or args.cases):
+        from normlab import bench_frontends
+
+        print("front ends:")
+        report["frontends"] = bench_frontends.run_frontends(
+            _time_many, quick=args.quick, repeat=repeat, min_time=min_time)
     tag = args.tag or (_dt.date.today().isoformat() + ("-quick" if args.quick else "")
                        + ("-cases" if args.cases else ""))
     md, js = write_report(report, args.out, tag)
     print("\n" + "\n".join(summary_lines(report["summary"])))
+    if "frontends" in report:
+        from normlab import bench_frontends
+
+        print("\n".join(bench_frontends.summary_lines(report["frontends"])))
     print(f"wall time {report['wall_s']:.0f} s; wrote {md} and {js}")
     s = report["summary"]
-    return 1 if s["mismatches"] or s["errors"] else 0
+    fr = report.get("frontends") or {}
+    fr_bad = [r for r in fr.get("modules", []) + fr.get("tabular", []) if not r.get("ok")]
+    if fr.get("train_step") and not fr["train_step"].get("ok"):
+        fr_bad.append(fr["train_step"])
+    return 1 if s["mismatches"] or s["errors"] or fr_bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
