@@ -106,6 +106,14 @@ def check_param_shape(v, shape: tuple, name: str) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got shape {got}")
 
 
+def check_stats_pair(mean, var, what: str) -> None:
+    """Given statistics come in pairs: both mean and var (inference), or neither (training)."""
+    if (mean is None) != (var is None):
+        raise ValueError(f"{what} needs both mean and var (given statistics) or neither (batch "
+                         f"statistics); got mean={'None' if mean is None else 'an array'} and "
+                         f"var={'None' if var is None else 'an array'}")
+
+
 def check_values_per_channel(count: int, shape, what: str) -> None:
     """Batch statistics from one value are meaningless (variance 0, output all zeros)."""
     if count <= 1:

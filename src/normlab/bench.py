@@ -50,6 +50,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from normlab._machine import cpu_model, version
+
 __all__ = ["Case", "add_arguments", "build_suite", "main", "run", "run_suite", "write_report",
            "TutorialBatchNorm"]
 
@@ -541,24 +543,6 @@ def copy_time(nbytes: int, dtype, repeat: int, min_time: float, src=None) -> flo
 # Machine record
 # ---------------------------------------------------------------------------------------------
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -620,11 +604,11 @@ def machine_record(threads: dict, repeat: int, min_time: float) -> dict:
     td.copy_(ts)
     t_torch = _time_many({"c": lambda: td.copy_(ts)}, repeat, min_time)["c"]["median_s"]
     return {
-        "cpu": _cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable_cores(),
+        "cpu": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable_cores(),
         "platform": platform.platform(), "python": platform.python_version(),
         "versions": {"normlab": normlab.__version__, "numpy": np.__version__,
-                     "numba": _version("numba"), "torch": _version("torch"),
-                     "scikit-learn": _version("scikit-learn")},
+                     "numba": version("numba"), "torch": version("torch"),
+                     "scikit-learn": version("scikit-learn")},
         "threads": threads, "git_commit": _git_commit(),
         "copy_64MiB_GBps": 2 * BANDWIDTH_BYTES / t / 1e9,
         "copy_alloc_64MiB_GBps": 2 * BANDWIDTH_BYTES / t_alloc / 1e9,

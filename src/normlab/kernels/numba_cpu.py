@@ -57,16 +57,11 @@ import numpy as np
 
 from .. import _checks
 from ..reference.rms_norm import resolve_rms_eps
+from . import FUNCTIONS
 from . import _arrays as A
 from . import _numba_kernels as _k
 
-__all__ = [
-    "batch_norm_forward", "batch_norm_backward",
-    "layer_norm_forward", "layer_norm_backward",
-    "rms_norm_forward", "rms_norm_backward",
-    "group_norm_forward", "group_norm_backward",
-    "instance_norm_forward", "instance_norm_backward",
-]
+__all__ = list(FUNCTIONS)          # the contract of normlab.kernels
 
 NAME = "numba"
 
@@ -250,10 +245,7 @@ def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, 
     x = call.x
     _checks.check_min_ndim(x, 2, "batch_norm", "(N, C, *spatial)")
     _checks.check_eps(eps)
-    if (mean is None) != (var is None):
-        raise ValueError("batch_norm needs both mean and var (inference) or neither (training); "
-                         f"got mean={'None' if mean is None else 'an array'} and "
-                         f"var={'None' if var is None else 'an array'}")
+    _checks.check_stats_pair(mean, var, "batch_norm")
     xp, cl, swapped = A.layout(x, channels_last)
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)

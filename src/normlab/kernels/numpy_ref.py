@@ -19,17 +19,12 @@ from .. import reference as R
 from ..reference._core import (as_f64, centered_backward, channel_view, from_channels_first,
                                to_channels_first, uncentered_backward)
 from ..reference.rms_norm import resolve_rms_eps
+from . import FUNCTIONS
 from . import _arrays as A
 
 NAME = "numpy"
 
-__all__ = [
-    "batch_norm_forward", "batch_norm_backward",
-    "layer_norm_forward", "layer_norm_backward",
-    "rms_norm_forward", "rms_norm_backward",
-    "group_norm_forward", "group_norm_backward",
-    "instance_norm_forward", "instance_norm_backward",
-]
+__all__ = list(FUNCTIONS)          # the contract of normlab.kernels
 
 
 class _Call:

@@ -53,10 +53,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps: f
     x = np.asarray(x)
     _checks.check_min_ndim(x, 2, "batch_norm", "(N, C, *spatial)")
     _checks.check_eps(eps)
-    if (mean is None) != (var is None):
-        raise ValueError("batch_norm needs both mean and var (inference) or neither (training); "
-                         f"got mean={'None' if mean is None else 'an array'} and "
-                         f"var={'None' if var is None else 'an array'}")
+    _checks.check_stats_pair(mean, var, "batch_norm")
     xc = to_channels_first(as_f64(x), channels_last)          # (N, C, *S)
     C = xc.shape[1]
     for name, v in (("weight", weight), ("bias", bias), ("mean", mean), ("var", var)):

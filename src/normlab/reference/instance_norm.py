@@ -40,10 +40,7 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     """
     x = np.asarray(x)
     _checks.check_min_ndim(x, 3, "instance_norm", "(N, C, *spatial) with at least one spatial dim")
-    if (mean is None) != (var is None):
-        raise ValueError("instance_norm needs both mean and var (given statistics) or neither "
-                         f"(instance statistics); got mean={'None' if mean is None else 'an array'} "
-                         f"and var={'None' if var is None else 'an array'}")
+    _checks.check_stats_pair(mean, var, "instance_norm")
     if mean is not None:
         y, cache = batch_norm_forward(x, weight, bias, mean=mean, var=var, eps=eps,
                                       channels_last=channels_last)
