@@ -92,6 +92,19 @@ _DUMMY = np.zeros(1)
 _SCRATCH = threading.local()
 
 
+_THREADS = {}     # "get"/"set": numba's thread-count functions, bound on first use
+
+
+def _bind_thread_functions():
+    """numba's own unchecked getter/setter (1 us for a get and two sets instead of 4 us through
+    the public API); they exist once the thread pool is launched, which the public call does."""
+    numba.get_num_threads()
+    from numba.np.ufunc import parallel as P
+
+    _THREADS["get"] = getattr(P, "_get_num_threads", numba.get_num_threads)
+    _THREADS["set"] = getattr(P, "_set_num_threads", numba.set_num_threads)
+
+
 def _grain(fn):
     """Run ``fn`` on one thread when its first argument (x or dy) is small (SERIAL_BELOW)."""
 
@@ -100,14 +113,16 @@ def _grain(fn):
         n = first.numel() if hasattr(first, "numel") else np.size(first)
         if n >= SERIAL_BELOW:
             return fn(first, *args, **kwargs)
-        threads = numba.get_num_threads()
+        if not _THREADS:
+            _bind_thread_functions()
+        threads = _THREADS["get"]()
         if threads == 1:
             return fn(first, *args, **kwargs)
-        numba.set_num_threads(1)
+        _THREADS["set"](1)
         try:
             return fn(first, *args, **kwargs)
         finally:
-            numba.set_num_threads(threads)
+            _THREADS["set"](threads)
 
     return wrapper
 
