@@ -3,7 +3,8 @@
     python sync_worker.py RANK WORLD INIT_FILE OUT_DIR MODE
 
 MODE "cases": runs every case of CASES (two training steps, then eval) on this rank's share
-of a global batch and saves outputs, gradients and running statistics. MODE "dead-peer": rank
+of a global batch and saves outputs, gradients, running statistics and collective counts, then
+three DDP training steps (run_ddp). MODE "dead-peer": rank
 1 leaves right after joining; rank 0 runs a forward and must fail with a clear error.
 """
 
@@ -99,10 +100,6 @@ def main():
             print("ERROR:", e)
             sys.exit(3)
         sys.exit(0)
-    if mode == "ddp":
-        run_ddp(rank, world, out_dir)
-        dist.destroy_process_group()
-        return
     results = {}
     for i, (name, shape, sizes, cl, momentum, affine, dtype) in cases_for(world):
         x, grads = global_data(shape, i)
@@ -139,6 +136,7 @@ def main():
         out["y_eval"] = m(x[sl]).detach()
         results[name] = out
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+    run_ddp(rank, world, out_dir)     # the same processes: one launch per world size
     dist.destroy_process_group()
 
 

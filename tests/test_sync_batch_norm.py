@@ -48,6 +48,7 @@ def rank_results(tmp_path_factory):
         for rc, out, err in outs:
             assert rc == 0, err[-3000:]
         res[world] = [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+        res[world, "ddp"] = [torch.load(tmp / f"ddp_rank{r}.pt") for r in range(world)]
     return res
 
 
@@ -104,10 +105,7 @@ def test_ranks_equal_one_batch_norm_on_the_global_batch(rank_results, i):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ddp_training_steps_match_single_process_training(tmp_path, world):
-    outs = _launch(tmp_path, "ddp", world=world)
-    for rc, out, err in outs:
-        assert rc == 0, err[-3000:]
+def test_ddp_training_steps_match_single_process_training(rank_results, world):
     sizes = (5, 1, 3) if world == 3 else (5, 4)
     x, y = sync_worker.ddp_data(sum(sizes))
     model = sync_worker.ddp_model(torch.float64, torch.nn.BatchNorm1d)
@@ -117,8 +115,7 @@ def test_ddp_training_steps_match_single_process_training(tmp_path, world):
         torch.nn.functional.cross_entropy(model(x[step]), y[step]).backward()
         opt.step()
     expected = model.state_dict()
-    for r in range(world):
-        got = torch.load(tmp_path / f"ddp_rank{r}.pt")
+    for r, got in enumerate(rank_results[world, "ddp"]):
         for k, v in expected.items():
             torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-10, msg=f"rank {r} {k}")
 
