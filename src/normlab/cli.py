@@ -1,4 +1,4 @@
-"""Command line: ``normlab info`` and ``normlab bench``."""
+"""Command line: ``normlab info``, ``normlab bench`` and ``normlab study``."""
 
 from __future__ import annotations
 
@@ -6,37 +6,8 @@ import argparse
 import os
 import platform
 import sys
-from importlib import metadata
 
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in ("avx2", "fma", "avx512f", "avx512bw") if f in flags]
-    except OSError:
-        pass
-    return []
+from normlab._machine import cpu_flags, cpu_model, version
 
 
 def info_lines() -> list[str]:
@@ -46,9 +17,9 @@ def info_lines() -> list[str]:
              f"python {platform.python_version()} ({sys.executable})",
              f"platform {platform.platform()}"]
     for dist in ("numpy", "numba", "torch", "triton", "scikit-learn", "matplotlib", "mnist1d"):
-        lines.append(f"  {dist:<13} {_version(dist)}")
-    lines.append(f"cpu {_cpu_model()}; {os.cpu_count()} logical cores; "
-                 f"vector units: {', '.join(_cpu_flags()) or 'unknown'}")
+        lines.append(f"  {dist:<13} {version(dist)}")
+    lines.append(f"cpu {cpu_model()}; {os.cpu_count()} logical cores; "
+                 f"vector units: {', '.join(cpu_flags()) or 'unknown'}")
     try:
         import torch
 
@@ -86,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="time the kernels against torch, NumPy, scikit-learn and a memory copy",
         description="Time normlab's kernels against torch.nn.functional, the NumPy tutorial code, "
                     "scikit-learn and memory-copy bandwidth (see benchmarks/README.md)."))
+    from normlab import study
+
+    study.add_arguments(sub.add_parser(
+        "study", help="measure BatchNorm's known strengths and failure modes on real data, with verdicts",
+        description="Run the studies (default: all, quick profile, about 10 minutes on 2 cores) and write "
+                    "results.jsonl, one PNG per study, report.md and report.html to --out."))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -94,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         args.argv = argv[1:]
         return bench.run(args)
+    if args.command == "study":
+        return study.run(args)
     return 0
 
 
