@@ -6,6 +6,11 @@ Three tables, each ratio measured in the same run (interleaved samples, median; 
   m(x); y.backward(dy)``) against its ``torch.nn`` twin, same input, same layout, training mode.
 * **training step**: one SGD step (forward, loss, backward, update) of a small ResNet whose
   norms are normlab's against the same network with torch.nn's norms.
+* **recurrent**: one training step (forward + backward) of a 2-layer ``LayerNormLSTM`` (hidden
+  256, batch 32, 100 steps; 25 with ``--quick``) against the same model written the naive way
+  (``nn.Linear`` projections, ``nn.LayerNorm`` modules and a Python loop over time), each with
+  its per-step normalizations on torch.nn.functional and on normlab.nn.functional (the fused
+  kernels).
 * **tabular**: the NumPy front ends on (M, C) data: ``normlab.layers.BatchNorm.forward`` and
   ``normlab.estimators.BatchNormalizer.fit_transform`` / ``.transform`` against the tutorial
   NumPy code (np.mean, np.var, broadcasting) and scikit-learn's StandardScaler.
@@ -147,6 +152,8 @@ def run_frontends(time_many: Callable, *, quick: bool, repeat: int, min_time: fl
     out["train_step"] = ts
     log(f"  train step: " + (f"x{ts['speedup']:.2f}" if ts["ok"] else f"MISMATCH {err:.2e}"))
 
+    out["recurrent"] = _recurrent(time_many, quick=quick, repeat=repeat, min_time=min_time, log=log)
+
     # tabular NumPy front ends
     from sklearn.preprocessing import StandardScaler
 
@@ -191,6 +198,85 @@ def run_frontends(time_many: Callable, *, quick: bool, repeat: int, min_time: fl
     return out
 
 
+class _NaiveLNLSTM:
+    """A 2-layer LayerNorm LSTM as a user writes it: nn.Linear + nn.LayerNorm + a Python loop."""
+
+    def __init__(self, input_size, hidden, layers, norm_functional):
+        import torch
+        from torch import nn
+
+        self.F = norm_functional
+        self.layers = []
+        for k in range(layers):
+            cin = input_size if k == 0 else hidden
+            mods = dict(ih=nn.Linear(cin, 4 * hidden), hh=nn.Linear(hidden, 4 * hidden),
+                        ln_ih=nn.LayerNorm(4 * hidden), ln_hh=nn.LayerNorm(4 * hidden),
+                        ln_c=nn.LayerNorm(hidden))
+            self.layers.append(mods)
+        self.params = [p for m in self.layers for mod in m.values() for p in mod.parameters()]
+        self.hidden = hidden
+        self.torch = torch
+
+    def _ln(self, mod, a):
+        return self.F.layer_norm(a, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+
+    def __call__(self, x):                      # x: (T, B, input)
+        torch = self.torch
+        for m in self.layers:
+            B = x.shape[1]
+            h = x.new_zeros(B, self.hidden)
+            c = x.new_zeros(B, self.hidden)
+            outs = []
+            for t in range(x.shape[0]):
+                g = self._ln(m["ln_ih"], m["ih"](x[t])) + self._ln(m["ln_hh"], m["hh"](h))
+                i, f, gg, o = g.chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+                h = torch.sigmoid(o) * torch.tanh(self._ln(m["ln_c"], c))
+                outs.append(h)
+            x = torch.stack(outs)
+        return x
+
+
+def _recurrent(time_many, *, quick, repeat, min_time, log) -> dict:
+    import torch
+    import torch.nn.functional as TF
+
+    import normlab.nn.functional as NF
+    from normlab.nn import recurrent
+
+    T, B, H = (25 if quick else 100), 32, 256
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, H, generator=g)
+    ours = recurrent.LayerNormLSTM(H, H, num_layers=2)
+    naive = {"torch": _NaiveLNLSTM(H, H, 2, TF), "normlab": _NaiveLNLSTM(H, H, 2, NF)}
+
+    def step_ours(norm):
+        saved, recurrent._NORM = recurrent._NORM, norm
+        try:
+            ours.zero_grad()
+            ours(x)[0].sum().backward()
+        finally:
+            recurrent._NORM = saved
+
+    def step_naive(model):
+        for p in model.params:
+            p.grad = None
+        model(x).sum().backward()
+
+    fns = {"LayerNormLSTM, torch LN": lambda: step_ours(TF),
+           "LayerNormLSTM, normlab LN": lambda: step_ours(NF),
+           "naive loop, torch LN": lambda: step_naive(naive["torch"]),
+           "naive loop, normlab LN": lambda: step_naive(naive["normlab"])}
+    t = time_many(fns, max(1, repeat - 2) if not quick else 1, min_time)
+    rec = dict(case=f"2-layer LayerNormLSTM, hidden {H}, batch {B}, {T} steps, fwd+bwd",
+               times_s={k: v["median_s"] for k, v in t.items()}, ok=True)
+    T_ = rec["times_s"]
+    rec["speedup"] = T_["naive loop, torch LN"] / min(T_["LayerNormLSTM, torch LN"],
+                                                     T_["LayerNormLSTM, normlab LN"])
+    log(f"  recurrent: naive torch / ours x{rec['speedup']:.2f}")
+    return rec
+
+
 def _ms(s) -> str:
     return "-" if s is None else (f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us")
 
@@ -210,6 +296,10 @@ def summary_lines(fr: dict) -> list[str]:
     if ts:
         out.append(f"training step, normlab norms vs torch.nn norms: "
                    + (f"x{ts['speedup']:.2f} ({ts['case']})" if ts.get("ok") else "MISMATCH"))
+    rr = fr.get("recurrent")
+    if rr:
+        out.append(f"{rr['case']}: " + "; ".join(f"{k} {_ms(v)}" for k, v in rr["times_s"].items())
+                   + f" (naive torch / best of ours x{rr['speedup']:.2f})")
     for r in fr["tabular"]:
         if r.get("ok"):
             out.append(f"{r['case']}: " + ", ".join(f"{k} x{v:.1f}" for k, v in r["ratios"].items()))
@@ -229,6 +319,12 @@ def markdown(fr: dict) -> str:
               "|---|---|---|---|",
               f"| {ts['case']} | {_ms(ts.get('ours_s'))} | {_ms(ts.get('torch_s'))} | "
               + (f"x{ts['speedup']:.2f}" if ts.get("ok") else "MISMATCH") + " |"]
+    rr = fr.get("recurrent")
+    if rr:
+        L += ["", "### Recurrent: one training step", "", f"{rr['case']}:", "",
+              "| implementation | time |", "|---|---|"]
+        L += [f"| {k} | {_ms(v)} |" for k, v in rr["times_s"].items()]
+        L.append(f"\nnaive loop with torch LN / the faster LayerNormLSTM: x{rr['speedup']:.2f}")
     if fr["tabular"]:
         L += ["", "### NumPy front ends on tabular data", ""]
         for r in fr["tabular"]:
