@@ -823,8 +823,12 @@ def test_non_finite_batch_statistics_do_not_corrupt_the_running_statistics():
     x = np.random.default_rng(0).normal(size=(4, 3)).astype(F32)
     x[2, 1] = np.nan
     before = snapshot(layer)
-    with pytest.raises(ValueError, match=r"channel\(s\) \[1\].*left unchanged"):
+    # the non-finite policy (docs/reliability.md): "skip" by default, "raise" on request
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[1\].*not folded"):
         layer.forward(x)
+    assert_same_state(layer, before)
+    with pytest.raises(ValueError, match=r"channel\(s\) \[1\].*left unchanged"):
+        layer.forward(x, nonfinite="raise")
     assert_same_state(layer, before)
     y = layer.forward(x, training=False)             # eval: normalized, NaN stays where it was
     assert np.isnan(y[2, 1]) and np.isfinite(np.delete(y.ravel(), 2 * 3 + 1)).all()

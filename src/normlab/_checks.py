@@ -6,7 +6,10 @@ says what is expected, so that a user can fix the call without reading our sourc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import warnings
 from numbers import Real
 
 import numpy as np
@@ -60,7 +63,7 @@ def check_ndim_in(x, allowed, what: str, layout: str) -> None:
         allowed_s = " or ".join(str(a) for a in allowed)
         raise ValueError(
             f"{what} expects a {allowed_s}-dimensional input {layout}, got an input of shape "
-            f"{tuple(x.shape)} ({x.ndim} dimensions)"
+            f"{tuple(x.shape)} ({x.ndim} dimensions); reshape it to that layout"
         )
 
 
@@ -168,3 +171,141 @@ def check_normalized_shape(x, normalized_shape: tuple, what: str) -> None:
             f"input has shape {tuple(x.shape)}; the input's last {k} dimension(s) must equal "
             f"normalized_shape"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite training batches (see docs/reliability.md)
+# ---------------------------------------------------------------------------------------------
+#
+# One policy decides what a module with running statistics does with a training batch whose
+# statistics are not finite (the batch holds NaN or inf, or overflowed):
+#
+#   "skip"       (default) normalize the batch as usual (NaN/inf in, NaN out: IEEE), but leave
+#                running_mean, running_var and num_batches_tracked exactly as they were, and
+#                warn (NonFiniteWarning, a RuntimeWarning) naming the layer and the channels;
+#   "propagate"  torch.nn's behaviour: the non-finite statistics are folded in (and poison the
+#                running statistics for good); no check is made at all;
+#   "raise"      raise NonFiniteError (a ValueError) before anything is written.
+#
+# Which policy applies, most specific first: the ``nonfinite=`` argument of a call, the
+# ``nonfinite_policy`` attribute of a module/layer/estimator (None = not set), the innermost
+# ``with normlab.nonfinite_policy(...)`` block (context-local: threads and asyncio tasks do not
+# see each other's), the process default (``normlab.set_nonfinite_policy``, initially "skip").
+
+NONFINITE_POLICIES = ("skip", "propagate", "raise")
+
+_default_policy = "skip"
+_context_policy: contextvars.ContextVar = contextvars.ContextVar("normlab_nonfinite_policy",
+                                                                 default=None)
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A training batch with non-finite statistics was skipped (running statistics unchanged).
+
+    ``owner`` is the module, layer or estimator that skipped it (find its name in a model with
+    ``[n for n, m in model.named_modules() if m is w.owner]``); ``channels`` the offending
+    channel (or feature) indices.
+    """
+
+    def __init__(self, message, owner=None, channels=()):
+        super().__init__(message)
+        self.owner, self.channels = owner, list(channels)
+
+
+class NonFiniteError(ValueError):
+    """A training batch with non-finite statistics under the "raise" policy (nothing written)."""
+
+    def __init__(self, message, owner=None, channels=()):
+        super().__init__(message)
+        self.owner, self.channels = owner, list(channels)
+
+
+def check_nonfinite_policy(policy, *, allow_none: bool = False, name: str = "nonfinite"):
+    """``policy`` if it is one of NONFINITE_POLICIES (or None when allowed), else ValueError."""
+    if policy is None and allow_none:
+        return None
+    if not isinstance(policy, str) or policy not in NONFINITE_POLICIES:
+        extra = " or None (use the context/default policy)" if allow_none else ""
+        raise ValueError(
+            f"{name} must be one of {list(NONFINITE_POLICIES)}{extra}, got {name}={policy!r}; "
+            f"'skip' leaves the running statistics unchanged for a batch with NaN/inf, "
+            f"'propagate' folds it in (torch.nn), 'raise' raises")
+    return policy
+
+
+def set_nonfinite_policy(policy: str) -> str:
+    """Set the process-wide default policy; returns the previous default."""
+    global _default_policy
+    check_nonfinite_policy(policy, name="policy")
+    previous, _default_policy = _default_policy, policy
+    return previous
+
+
+def get_nonfinite_policy(override=None) -> str:
+    """The policy in force: ``override`` if not None, else the innermost context, else the default."""
+    if override is not None:
+        return check_nonfinite_policy(override)
+    ctx = _context_policy.get()
+    return ctx if ctx is not None else _default_policy
+
+
+@contextlib.contextmanager
+def nonfinite_policy(policy: str):
+    """``with normlab.nonfinite_policy("raise"): ...`` -- the policy inside the block.
+
+    A per-call ``nonfinite=`` argument or a module's ``nonfinite_policy`` attribute still wins.
+    """
+    check_nonfinite_policy(policy, name="policy")
+    token = _context_policy.set(policy)
+    try:
+        yield policy
+    finally:
+        _context_policy.reset(token)
+
+
+def owner_policy(owner, override=None) -> str:
+    """The policy for ``owner``: the call's override, its ``nonfinite_policy`` attribute, then
+    the context and default."""
+    if override is None and owner is not None:
+        attr = getattr(owner, "nonfinite_policy", None)
+        if attr is not None:
+            override = check_nonfinite_policy(attr, name=f"{type(owner).__name__}.nonfinite_policy")
+    return get_nonfinite_policy(override)
+
+
+def describe_owner(owner) -> str:
+    if owner is None:
+        return "batch_norm"
+    if isinstance(owner, str):
+        return owner
+    try:
+        text = repr(owner)
+    except Exception:  # pragma: no cover - a broken repr must not hide the real problem
+        text = type(owner).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def nonfinite_found(owner, policy: str, channels, *, what: str = "channel(s)",
+                    state: str = "running_mean, running_var and num_batches_tracked",
+                    fix: str = "torch.nan_to_num or np.nan_to_num") -> None:
+    """Report a non-finite training batch under ``policy`` ("skip": warn; "raise": raise).
+
+    Called only once the caller has decided not to write the running statistics.
+    """
+    channels = [int(c) for c in channels]
+    shown = channels[:10] + (["..."] if len(channels) > 10 else [])
+    who = describe_owner(owner)
+    head = (f"{who}: the batch statistics of {what} {shown} are not finite (the training batch "
+            f"contains NaN or inf there, or overflowed)")
+    if policy == "raise":
+        raise NonFiniteError(
+            f"{head}; the running statistics ({state}) were left unchanged. Clean the input "
+            f"(e.g. {fix}), or choose "
+            f"nonfinite_policy 'skip' (keep them, warn) or 'propagate' (fold it in, as torch.nn)",
+            owner if not isinstance(owner, str) else None, channels)
+    warnings.warn(NonFiniteWarning(
+        f"{head}; this batch was not folded into the running statistics ({state} unchanged). "
+        f"Clean the input (e.g. {fix}), or set nonfinite_policy='raise' to stop here, or "
+        f"'propagate' to fold it in (torch.nn's behaviour)", owner if not isinstance(owner, str) else None, channels),
+        stacklevel=3)

@@ -20,6 +20,12 @@ Statistics policy (``momentum``):
 
 Both policies ignore NaN per feature (a feature's count is its number of non-NaN values) and the
 transform keeps NaN in place, as ``StandardScaler`` does.
+
+Infinity is not a missing value: a batch whose statistics are not finite (an inf in the data,
+or values so large that the sum of squares overflows) is handled by normlab's non-finite
+policy (``nonfinite_policy`` parameter, else ``normlab.get_nonfinite_policy()``; see
+docs/reliability.md): "skip" (default) leaves the statistics as they were and warns,
+"raise" raises, "propagate" folds the non-finite statistics in.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed versio
         f"found scikit-learn {sklearn.__version__}; upgrade with `pip install -U scikit-learn`"
     ) from exc
 
-from ._checks import check_eps
+from ._checks import check_eps, check_nonfinite_policy, nonfinite_found, owner_policy
 from . import kernels
 from .reference.moments import chan_merge, finalize, summarize
 
@@ -211,6 +217,13 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     copy : bool, default=True
         If False, ``transform`` and ``inverse_transform`` work in place when the input is
         already a writeable float array of the right layout (a copy is still made otherwise).
+    nonfinite_policy : {"skip", "propagate", "raise"} or None, default=None
+        What a batch with non-finite statistics (inf in ``X``, or overflow; NaN is missing data,
+        not this) does: "skip" leaves the statistics unchanged and warns
+        (``normlab.NonFiniteWarning``); "raise" raises ``normlab.NonFiniteError`` (a
+        ValueError) and changes nothing; "propagate" folds it in (``mean_``/``var_`` become
+        inf or NaN). None uses ``normlab.get_nonfinite_policy()`` ("skip" unless changed).
+        :meth:`fit` has no earlier statistics to keep, so under "skip" it raises too.
 
     Attributes
     ----------
@@ -252,12 +265,14 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     True
     """
 
-    def __init__(self, *, eps=1e-5, momentum=None, gamma=1.0, beta=0.0, copy=True):
+    def __init__(self, *, eps=1e-5, momentum=None, gamma=1.0, beta=0.0, copy=True,
+                 nonfinite_policy=None):
         self.eps = eps
         self.momentum = momentum
         self.gamma = gamma
         self.beta = beta
         self.copy = copy
+        self.nonfinite_policy = nonfinite_policy
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -281,7 +296,8 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Training data; NaN is ignored per feature, infinity raises ``ValueError``.
+            Training data; NaN is ignored per feature; infinity (non-finite statistics) raises
+            ``normlab.NonFiniteError`` unless ``nonfinite_policy="propagate"``.
         y : None
             Ignored.
 
@@ -290,7 +306,7 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         self : BatchNormalizer
         """
         self._reset()
-        return self.partial_fit(X, y)
+        return self._partial_fit(X, fresh=True)
 
     def partial_fit(self, X, y=None):
         """Update the statistics with one batch ``X`` (see the class docstring for the rules).
@@ -301,7 +317,8 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            One batch; NaN is ignored per feature, infinity raises ``ValueError``.
+            One batch; NaN is ignored per feature; a batch with infinity (non-finite
+            statistics) is handled by the non-finite policy (see ``nonfinite_policy``).
         y : None
             Ignored.
 
@@ -309,11 +326,16 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         -------
         self : BatchNormalizer
         """
+        return self._partial_fit(X, fresh=False)
+
+    def _partial_fit(self, X, fresh):
         check_eps(self.eps)
         _check_momentum(self.momentum)
+        check_nonfinite_policy(self.nonfinite_policy, allow_none=True, name="nonfinite_policy")
+        policy = owner_policy(self)
         first = not hasattr(self, "n_samples_seen_")
         _reject_sparse(X)
-        X = validate_data(self, X, reset=first, dtype=FLOAT_DTYPES, ensure_all_finite="allow-nan")
+        X = validate_data(self, X, reset=first, dtype=FLOAT_DTYPES, ensure_all_finite=False)
         try:
             gamma = _check_affine(self.gamma, "gamma", X.shape[1])
             beta = _check_affine(self.beta, "beta", X.shape[1])
@@ -322,7 +344,17 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
                 self._reset()
             raise
 
-        n_b, mu_b, m2_b = _nan_summary(X)
+        with np.errstate(over="ignore", invalid="ignore"):   # inf/overflow: judged just below
+            n_b, mu_b, m2_b = _nan_summary(X)
+        if policy != "propagate":
+            bad = np.flatnonzero(~(np.isfinite(mu_b) & np.isfinite(m2_b)))
+            if bad.size:
+                if first:  # validate_data already recorded n_features_in_: undo it
+                    self._reset()
+                # fit has nothing earlier to keep: skipping would leave it unfitted, so it raises
+                nonfinite_found(self, "raise" if fresh else policy, bad, what="feature(s)",
+                                state="mean_, var_ and n_samples_seen_", fix="np.nan_to_num")
+                return self
         d = X.shape[1]
         if first:
             n, mu, m2 = np.zeros(d, dtype=np.int64), np.zeros(d), np.zeros(d)
@@ -335,17 +367,18 @@ class BatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
             var = np.where(seen, self.var_, 0.0)
             m2 = var * n
 
-        if self.momentum is None:
-            n_new, mean, m2_new = chan_merge((n, mu, m2), (n_b, mu_b, m2_b))
-            mean, var_new = finalize((n_new, mean, m2_new))
-        else:
-            f = float(self.momentum)
-            var_b = m2_b / np.maximum(n_b, 1)
-            in_batch = n_b > 0
-            init = in_batch & (n == 0)
-            mean = np.where(init, mu_b, np.where(in_batch, (1.0 - f) * mu + f * mu_b, mu))
-            var_new = np.where(init, var_b, np.where(in_batch, (1.0 - f) * var + f * var_b, var))
-            n_new = n + n_b
+        with np.errstate(over="ignore", invalid="ignore"):  # only "propagate" gets here with inf
+            if self.momentum is None:
+                n_new, mean, m2_new = chan_merge((n, mu, m2), (n_b, mu_b, m2_b))
+                mean, var_new = finalize((n_new, mean, m2_new))
+            else:
+                f = float(self.momentum)
+                var_b = m2_b / np.maximum(n_b, 1)
+                in_batch = n_b > 0
+                init = in_batch & (n == 0)
+                mean = np.where(init, mu_b, np.where(in_batch, (1.0 - f) * mu + f * mu_b, mu))
+                var_new = np.where(init, var_b, np.where(in_batch, (1.0 - f) * var + f * var_b, var))
+                n_new = n + n_b
 
         n_new = np.asarray(n_new, dtype=np.int64)
         observed = n_new > 0

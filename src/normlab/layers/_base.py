@@ -40,6 +40,10 @@ class NormLayer:
     """
 
     _repr_fields: tuple = ()
+    #: what a training batch with non-finite statistics does to the running statistics: None
+    #: (the context's or process default, ``normlab.get_nonfinite_policy()``), "skip",
+    #: "propagate" or "raise" (docs/reliability.md); set it on an instance
+    nonfinite_policy = None
 
     def __init__(self, *, param_shape: tuple, weight: bool, bias: bool, stats_shape: tuple | None,
                  eps, momentum, dtype, backend=None):
@@ -77,17 +81,21 @@ class NormLayer:
         return training or not self.track_running_stats
 
     # -- forward / backward ---------------------------------------------------------------
-    def forward(self, x, training: bool = True):
+    def forward(self, x, training: bool = True, *, nonfinite=None):
         """Normalize ``x``; returns ``y`` of ``x``'s dtype and shape. See the class docstring.
 
         ``training=True`` uses batch statistics and updates the running statistics when they
-        are tracked; a batch whose statistics are not finite (NaN or inf in the input) is
-        refused there rather than folded into them. ``training=False`` uses the running
-        statistics when they are tracked.
+        are tracked. A batch whose statistics are not finite (NaN or inf in the input) is
+        handled by the non-finite policy: ``nonfinite`` for this call, else the layer's
+        ``nonfinite_policy``, else ``normlab.get_nonfinite_policy()`` -- "skip" (default:
+        running statistics and ``num_batches_tracked`` unchanged, ``NonFiniteWarning``),
+        "raise" (``NonFiniteError``, a ValueError, nothing written) or "propagate" (folded in,
+        as torch.nn). ``training=False`` uses the running statistics when they are tracked.
         """
         name = type(self).__name__
         self._ctx = None          # a failed forward must not leave an older one to backward
         _validate.check_flag(training, "training", name)
+        _checks.check_nonfinite_policy(nonfinite, allow_none=True)
         x = _validate.float_array(x, name)
         batch_stats = self._uses_batch_stats(training)
         self._check_input(x, batch_stats)
@@ -98,8 +106,12 @@ class NormLayer:
         bias = None if self.bias is None else self.bias.copy()
         y, ctx, stats = _ops.forward(method, x, weight, bias, backend=self.backend, **options)
         if training and self.track_running_stats:
-            _validate.check_finite_stats(stats.mean, stats.var, name)
-            self._update_running_stats(stats)
+            policy = _checks.owner_policy(self, nonfinite)
+            bad = None if policy == "propagate" else _validate.nonfinite_channels(stats.mean, stats.var)
+            if bad:
+                _checks.nonfinite_found(self, policy, bad)      # warns ("skip") or raises
+            else:
+                self._update_running_stats(stats)
         self._ctx, self._y_shape = ctx, y.shape
         return y
 

@@ -63,16 +63,12 @@ def check_spatial_size(x, channels_last: bool, what: str) -> None:
         )
 
 
-def check_finite_stats(mean, var, what: str) -> None:
-    """Refuse to fold non-finite batch statistics into the running statistics."""
+def nonfinite_channels(mean, var) -> list:
+    """Channel indices (last axis) whose batch mean or variance is not finite; [] when all are."""
     bad = ~(np.isfinite(mean) & np.isfinite(var))
-    if np.any(bad):
-        where = np.unique(np.nonzero(bad)[-1]).tolist()
-        raise ValueError(
-            f"{what}: the batch statistics of channel(s) {where[:10]} are not finite (the input "
-            f"contains NaN or inf there); the running statistics were left unchanged. Clean the "
-            f"input, or pass training=False to normalize it without updating them"
-        )
+    if not np.any(bad):
+        return []
+    return np.unique(np.nonzero(bad)[-1]).tolist()
 
 
 def check_renorm_limits(r_max, d_max) -> None:

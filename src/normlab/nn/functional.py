@@ -63,21 +63,116 @@ def _use_fused(input, *params) -> bool:
         p is None or (p.dtype == input.dtype and p.device == input.device) for p in params)
 
 
-def _check_stat_vectors(C, **vectors):
+def _check_input(input, what):
+    """input: a floating-point torch.Tensor (no silent conversion of arrays or integers)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(
+            f"{what} expects input to be a torch.Tensor, got {type(input).__name__}; convert it "
+            f"with torch.as_tensor(x) (or use normlab.layers for NumPy arrays)")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"{what} expects a floating-point input (float16, bfloat16, float32, float64), got "
+            f"dtype {input.dtype}; convert it first, e.g. input.float()")
+
+
+def _check_tensors(input, what, **tensors):
+    """Optional per-channel tensors: torch.Tensor, floating point, on the input's device."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor or None, got "
+                            f"{type(t).__name__}; convert it with torch.as_tensor({name})")
+        if not t.is_floating_point():
+            raise TypeError(f"{what}: {name} must be a floating-point tensor, got dtype {t.dtype}; "
+                            f"convert it, e.g. {name}.to({input.dtype})")
+        if t.device != input.device:
+            raise ValueError(f"{what}: {name} is on device {t.device} but the input is on "
+                             f"{input.device}; move them to one device, e.g. {name}.to(input.device) "
+                             f"(or module.to(device) for a module)")
+
+
+def _check_stat_vectors(C, _input=None, _what="batch_norm", **vectors):
     for name, v in vectors.items():
         if v is not None and tuple(v.shape) != (C,):
-            raise ValueError(f"{name} must have shape ({C},) (one value per channel), got shape {tuple(v.shape)}")
+            got = ""
+            if _input is not None:
+                got = f" for an input of shape {tuple(_input.shape)} (C={C} channels on axis 1)"
+            raise ValueError(
+                f"{_what}: {name} must have shape ({C},) (one value per channel){got}, got shape "
+                f"{tuple(v.shape)}; pass an input with {v.shape[0] if v.ndim == 1 else '?'} "
+                f"channels, or {name} of shape ({C},)")
+
+
+@torch.compiler.assume_constant_result
+def _context_policy() -> str:
+    """The context's or process default non-finite policy.
+
+    Under ``torch.compile`` this is a trace-time constant (dynamo cannot read a ContextVar): a
+    compiled model keeps the policy in force when it was traced; ``torch._dynamo.reset()`` (or a
+    fresh ``torch.compile``) picks up a new one. A module's ``nonfinite_policy`` attribute and
+    the ``nonfinite=`` argument are read as usual.
+    """
+    return _checks.get_nonfinite_policy()
+
+
+def _policy(owner, nonfinite) -> str:
+    """nonfinite= of the call, then ``owner.nonfinite_policy``, then the context/default."""
+    if nonfinite is not None:
+        return nonfinite
+    attr = None if owner is None else getattr(owner, "nonfinite_policy", None)
+    if attr is not None:
+        return _checks.check_nonfinite_policy(attr, name=f"{type(owner).__name__}.nonfinite_policy")
+    return _context_policy()
 
 
 @torch.no_grad()
-def _update_running(running_mean, running_var, mean, var, count, momentum):
-    """In-place EMA of the running statistics (see module docstring)."""
-    f = float(momentum)
+def _update_running(running_mean, running_var, mean, var, count, momentum, *,
+                    num_batches_tracked=None, owner=None, nonfinite=None):
+    """Fold the batch statistics ``mean``/``var`` (C,) into the running statistics, in place.
+
+    ``momentum=None`` is the cumulative average ``f = 1 / (t + 1)`` with ``t`` the
+    ``num_batches_tracked`` before this batch. ``num_batches_tracked`` (when given) is
+    incremented exactly when the batch is folded in.
+
+    The non-finite policy (``normlab.nonfinite_policy``; ``nonfinite`` overrides it, then the
+    ``owner`` module's ``nonfinite_policy`` attribute): unless it is "propagate", a batch whose
+    mean or unbiased variance is not finite in some channel leaves the running statistics and
+    ``num_batches_tracked`` unchanged ("skip": NonFiniteWarning naming ``owner``; "raise":
+    NonFiniteError). The check reads only the C statistics, never the batch. Under
+    ``torch.compile`` the skip is done without a branch (``torch.where``), and no warning or
+    error can be issued from the compiled graph.
+    """
     unbiased = var * (count / max(count - 1, 1))
+    policy = _policy(owner, nonfinite)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        f = 1.0 / (float(num_batches_tracked) + 1.0)
+    else:
+        f = float(momentum)
+    if policy != "propagate" and torch.compiler.is_compiling():
+        ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+        if running_mean is not None:
+            new = running_mean * (1.0 - f) + mean.to(running_mean.dtype) * f
+            running_mean.copy_(torch.where(ok, new, running_mean))
+        if running_var is not None:
+            new = running_var * (1.0 - f) + unbiased.to(running_var.dtype) * f
+            running_var.copy_(torch.where(ok, new, running_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        return
+    if policy != "propagate":
+        bad = ~(torch.isfinite(mean) & torch.isfinite(unbiased))
+        if bool(bad.any()):
+            _checks.nonfinite_found(owner, policy, bad.nonzero().flatten().tolist())
+            return
     if running_mean is not None:
         running_mean.mul_(1.0 - f).add_(mean.to(running_mean.dtype), alpha=f)
     if running_var is not None:
         running_var.mul_(1.0 - f).add_(unbiased.to(running_var.dtype), alpha=f)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
 
 
 def _normalize_given(input, running_mean, running_var, weight, bias, eps):
@@ -89,16 +184,34 @@ def _normalize_given(input, running_mean, running_var, weight, bias, eps):
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, *, nonfinite=None):
     """Batch norm over (N, *spatial) per channel of an (N, C, *spatial) tensor.
 
     Training (or no running statistics): batch statistics, and the running ones updated in
-    place. Otherwise the running statistics normalize.
+    place. Otherwise the running statistics normalize. ``nonfinite`` ("skip", "propagate",
+    "raise" or None for ``normlab.get_nonfinite_policy()``) decides what a training batch with
+    non-finite statistics does to the running statistics (docs/reliability.md).
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       nonfinite=nonfinite)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
+                nonfinite=None, owner=None, num_batches_tracked=None, check_momentum=True):
+    """batch_norm, plus what the modules need: ``owner`` (named in warnings, its
+    ``nonfinite_policy`` consulted) and ``num_batches_tracked`` (incremented when the batch is
+    folded into the running statistics; ``momentum=None`` then means the cumulative average)."""
+    _check_input(input, "batch_norm")
     _checks.check_min_ndim(input, 2, "batch_norm", "(N, C, *spatial)")
     _checks.check_eps(eps)
+    _check_tensors(input, "batch_norm", weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var)
+    if check_momentum and num_batches_tracked is None and momentum is not None:
+        _checks.check_momentum(momentum)
+    _checks.check_nonfinite_policy(nonfinite, allow_none=True)
     C = input.shape[1]
-    _check_stat_vectors(C, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    _check_stat_vectors(C, input, "batch_norm", weight=weight, bias=bias, running_mean=running_mean,
+                        running_var=running_var)
     use_batch_stats = training or running_mean is None or running_var is None
     if not use_batch_stats:
         return _normalize_given(input, running_mean, running_var, weight, bias, eps)
@@ -111,25 +224,44 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         y, mean, var = _fused.batch_norm_train(input, weight, bias, eps)
     else:
         y, mean, var = _composite.batch_norm(input, weight, bias, eps)
-    if training and momentum is not None and (running_mean is not None or running_var is not None):
-        _update_running(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    tracked = running_mean is not None or running_var is not None
+    if training and tracked and (momentum is not None or num_batches_tracked is not None):
+        _update_running(running_mean, running_var, mean.detach(), var.detach(), count, momentum,
+                        num_batches_tracked=num_batches_tracked, owner=owner, nonfinite=nonfinite)
     return y
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, nonfinite=None):
     """Instance norm: each (sample, channel) over its spatial values.
 
     With ``use_input_stats`` the running statistics (if given) are updated with the batch
     average of the per-instance statistics; otherwise they normalize every instance.
+    ``nonfinite``: as in :func:`batch_norm` (checked on the batch-averaged statistics).
     """
+    return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                          momentum, eps, nonfinite=nonfinite)
+
+
+def _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                   eps, *, nonfinite=None, owner=None):
+    _check_input(input, "instance_norm")
     _checks.check_min_ndim(input, 3, "instance_norm", "(N, C, *spatial) with at least one spatial dim")
     _checks.check_eps(eps)
+    _check_tensors(input, "instance_norm", weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var)
+    if momentum is not None:
+        _checks.check_momentum(momentum)
+    _checks.check_nonfinite_policy(nonfinite, allow_none=True)
     N, C = input.shape[:2]
-    _check_stat_vectors(C, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    _check_stat_vectors(C, input, "instance_norm", weight=weight, bias=bias,
+                        running_mean=running_mean, running_var=running_var)
     if not use_input_stats:
         if running_mean is None or running_var is None:
-            raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
+            raise ValueError(
+                "instance_norm with use_input_stats=False needs running_mean and running_var "
+                f"(got running_mean={'None' if running_mean is None else 'a tensor'}, running_var="
+                f"{'None' if running_var is None else 'a tensor'}); pass both, or use_input_stats=True")
         return _normalize_given(input, running_mean, running_var, weight, bias, eps)
     spatial = math.prod(input.shape[2:])
     if spatial <= 1 and input.numel() > 0:
@@ -144,14 +276,16 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         y, mean, var = _composite.instance_norm(input, weight, bias, eps)
     if momentum is not None and (running_mean is not None or running_var is not None):
         _update_running(running_mean, running_var, mean.detach().mean(0), var.detach().mean(0),
-                        spatial, momentum)
+                        spatial, momentum, owner=owner, nonfinite=nonfinite)
     return y
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Layer norm over the trailing ``normalized_shape`` dims (per-element affine)."""
+    _check_input(input, "layer_norm")
     shape = _checks.normalized_shape_tuple(normalized_shape)
     _checks.check_eps(eps)
+    _check_tensors(input, "layer_norm", weight=weight, bias=bias)
     _checks.check_normalized_shape(input, shape, "layer_norm")
     _checks.check_param_shape(weight, shape, "weight")
     _checks.check_param_shape(bias, shape, "bias")
@@ -164,11 +298,13 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """Group norm: each (sample, group of C/G channels) over its channels and spatial values."""
+    _check_input(input, "group_norm")
     _checks.check_min_ndim(input, 2, "group_norm", "(N, C, *spatial)")
     _checks.check_eps(eps)
+    _check_tensors(input, "group_norm", weight=weight, bias=bias)
     N, C = input.shape[:2]
     _checks.check_groups(num_groups, C)
-    _check_stat_vectors(C, weight=weight, bias=bias)
+    _check_stat_vectors(C, input, "group_norm", weight=weight, bias=bias)
     if input.numel() == 0:
         return input.clone()
     if _use_fused(input, weight, bias):
@@ -178,7 +314,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
     """RMS norm over the trailing ``normalized_shape`` dims; ``eps=None`` is finfo(dtype).eps (float32's for 16-bit input, as torch)."""
+    _check_input(input, "rms_norm")
     shape = _checks.normalized_shape_tuple(normalized_shape)
+    _check_tensors(input, "rms_norm", weight=weight)
     if eps is None:
         eps = torch.finfo(input.dtype if input.element_size() >= 4 else torch.float32).eps
     _checks.check_eps(eps)

@@ -162,29 +162,35 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 f"SyncBatchNorm was built for {self.num_features} channels but the input of shape "
                 f"{tuple(input.shape)} has {input.shape[1]} on its second axis")
 
+    nonfinite_policy = None     # see docs/reliability.md and normlab.nn.BatchNorm2d
+
     def forward(self, input):
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
+        counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
         pg = self.process_group if self.process_group is not None else (
             dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
         if not (use_batch_stats and self.training and _group_size(pg) > 1):
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                use_batch_stats, factor, self.eps)
+            if counting:
+                return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                     True, self.momentum, self.eps, owner=self,
+                                     num_batches_tracked=self.num_batches_tracked)
+            return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                 use_batch_stats, 0.0 if self.momentum is None else self.momentum,
+                                 self.eps, owner=self)
         stats = []
         y = _SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, pg, stats)
         mean, var, N = stats
         if running_mean is not None:
-            with torch.no_grad():
-                f = float(factor)
-                running_mean.mul_(1 - f).add_(mean.to(running_mean.dtype), alpha=f)
-                running_var.mul_(1 - f).add_((var * (N / (N - 1))).to(running_var.dtype), alpha=f)
+            # mean/var are the merged statistics of the global batch, identical on every rank,
+            # so every rank takes the same decision under the non-finite policy (no extra
+            # collective): all fold the batch in, or all skip it, or all raise.
+            momentum = self.momentum if counting else (0.0 if self.momentum is None else self.momentum)
+            F._update_running(running_mean, running_var, mean, var, N, momentum, owner=self,
+                              num_batches_tracked=self.num_batches_tracked if counting else None)
         return y
 
     @classmethod

@@ -64,13 +64,6 @@ def _check_limit(value, name, low, what):
     return float(value)
 
 
-@torch.no_grad()
-def _running_update(running_mean, running_var, mean, var, count, f):
-    """torch.nn's rule in place: ``R <- (1 - f) R + f * stat`` with the unbiased variance."""
-    running_mean.mul_(1.0 - f).add_(mean.to(running_mean.dtype), alpha=f)
-    running_var.mul_(1.0 - f).add_((var * (count / max(count - 1, 1))).to(running_var.dtype), alpha=f)
-
-
 # ----------------------------------------------------------------------------- Batch Renorm
 
 
@@ -118,6 +111,7 @@ class _BatchRenorm(_BatchNorm):
     """
 
     _dim = None
+    nonfinite_policy = None     # see docs/reliability.md
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, r_max=3.0, d_max=5.0, warmup_steps=0,
                  affine=True, device=None, dtype=None, *, ramp_steps=0):
@@ -179,9 +173,11 @@ class _BatchRenorm(_BatchNorm):
         bias = d if self.weight is None else self.weight * d
         if self.bias is not None:
             bias = bias + self.bias
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        return F.batch_norm(input, self.running_mean, self.running_var, weight, bias, True, factor, self.eps)
+        # num_batches_tracked (and so the r/d schedule) advances only when the batch is folded
+        # into the running statistics (the non-finite policy may skip it)
+        return F._batch_norm(input, self.running_mean, self.running_var, weight, bias, True,
+                             self.momentum, self.eps, owner=self,
+                             num_batches_tracked=self.num_batches_tracked)
 
 
 class BatchRenorm1d(_BatchRenorm):
@@ -232,6 +228,7 @@ class _GhostBatchNorm(_BatchNorm):
     """
 
     _dim = None
+    nonfinite_policy = None     # see docs/reliability.md
 
     def __init__(self, num_features, virtual_batch_size=32, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None):
@@ -264,14 +261,13 @@ class _GhostBatchNorm(_BatchNorm):
                  for s in slices]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             dims = [0] + list(range(2, input.ndim))
             with torch.no_grad():
                 xf = input.detach().to(torch.promote_types(input.dtype, torch.float32))
                 var_b, mean_b = torch.var_mean(xf, dim=dims, correction=0)
-                _running_update(self.running_mean, self.running_var, mean_b, var_b,
-                                input.numel() // C, factor)
+            F._update_running(self.running_mean, self.running_var, mean_b, var_b,
+                              input.numel() // C, self.momentum, owner=self,
+                              num_batches_tracked=self.num_batches_tracked)
         return y
 
 
