@@ -92,30 +92,43 @@ _DUMMY = np.zeros(1)
 _SCRATCH = threading.local()
 
 
-_THREADS = {}     # "get"/"set": numba's thread-count functions, bound on first use
+_THREADS = {}     # "get"/"set": numba's thread-count functions, "lock": see below; bound once
+_BIND_LOCK = threading.Lock()
 
 
 def _bind_thread_functions():
     """numba's own unchecked getter/setter (1 us for a get and two sets instead of 4 us through
-    the public API); they exist once the thread pool is launched, which the public call does."""
-    numba.get_num_threads()
-    from numba.np.ufunc import parallel as P
+    the public API); they exist once the thread pool is launched, which the public call does.
 
-    _THREADS["get"] = getattr(P, "_get_num_threads", numba.get_num_threads)
-    _THREADS["set"] = getattr(P, "_set_num_threads", numba.set_num_threads)
+    Thread safety: numba's thread count is per-thread state (each threading layer keeps it in a
+    thread-local variable), so one thread dropping to 1 thread for a small input does not
+    change the count another thread's kernels see. The "workqueue" threading layer (numba's
+    fallback when neither OpenMP nor TBB is available) is not thread-safe at all: two threads
+    launching parallel kernels at once abort the process. There every kernel call holds one
+    process-wide lock ("lock"), so concurrent callers take turns instead of crashing; with
+    the "omp" and "tbb" layers there is no lock.
+    """
+    with _BIND_LOCK:
+        if _THREADS:
+            return
+        numba.get_num_threads()
+        from numba.np.ufunc import parallel as P
+
+        get = getattr(P, "_get_num_threads", numba.get_num_threads)
+        set_ = getattr(P, "_set_num_threads", numba.set_num_threads)
+        lock = threading.RLock() if numba.threading_layer() == "workqueue" else None
+        # one update, so that a concurrent caller sees all three entries or none
+        _THREADS.update({"get": get, "set": set_, "lock": lock})
 
 
 def _grain(fn):
     """Run ``fn`` on one thread when its first argument (x or dy) is small (SERIAL_BELOW)."""
 
-    @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
+    def run(first, args, kwargs):
         n = first.numel() if hasattr(first, "numel") else np.size(first)
         if n >= SERIAL_BELOW:
             return fn(first, *args, **kwargs)
-        if not _THREADS:
-            _bind_thread_functions()
-        threads = _THREADS["get"]()
+        threads = _THREADS["get"]()      # this thread's count (thread-local in numba)
         if threads == 1:
             return fn(first, *args, **kwargs)
         _THREADS["set"](1)
@@ -123,6 +136,16 @@ def _grain(fn):
             return fn(first, *args, **kwargs)
         finally:
             _THREADS["set"](threads)
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if not _THREADS:
+            _bind_thread_functions()
+        lock = _THREADS["lock"]
+        if lock is None:
+            return run(first, args, kwargs)
+        with lock:
+            return run(first, args, kwargs)
 
     return wrapper
 
