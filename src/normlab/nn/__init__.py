@@ -1,8 +1,11 @@
-"""normlab.nn: drop-in PyTorch normalization modules, the batch-norm variants, and model tools."""
+"""normlab.nn: drop-in PyTorch normalization modules, the batch-norm variants, normalized
+recurrent layers, and model tools."""
 
 from . import functional, tools
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                       InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm)
+from .recurrent import (BNLSTM, BNLSTMCell, LayerNormGRU, LayerNormGRUCell, LayerNormLSTM,
+                        LayerNormLSTMCell)
 from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
 from .tools import (adapt_batchnorm, available_norms, convert_norms, create_norm, fold_batchnorm,
                     freeze_batchnorm, recalibrate_batchnorm)
@@ -15,6 +18,8 @@ __all__ = ["functional", "tools", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "
            "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
            "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
            "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+           "LayerNormLSTMCell", "LayerNormLSTM", "LayerNormGRUCell", "LayerNormGRU",
+           "BNLSTMCell", "BNLSTM",
            "SyncBatchNorm", "convert_sync_batchnorm",
            "create_norm", "available_norms", "convert_norms", "fold_batchnorm",
            "recalibrate_batchnorm", "adapt_batchnorm", "freeze_batchnorm"]
