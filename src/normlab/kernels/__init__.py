@@ -23,14 +23,19 @@ Backends:
 name       device   dtypes                              what
 =========  =======  ==================================  ===================================
 numba      cpu      float32, float64                    fused numba kernels (default on CPU)
+triton     cuda     float16, bfloat16, float32,         Triton kernels (default on CUDA);
+                    float64                             CPU tensors under TRITON_INTERPRET=1
 numpy      any      any float (computes in float64)     the float64 reference; the fallback
 =========  =======  ==================================  ===================================
+
+A backend module may define ``unavailable(device) -> str | None``: why it cannot run on that
+device type now (triton: no CUDA; on CPU, not built for the interpreter), checked after loading.
 
 Resolution in ``get_backend(name=None, *, device="cpu", dtype=None)``:
 
 1. the ``name`` argument, else
 2. the ``NORMLAB_BACKEND`` environment variable (read at each call), else
-3. the device's default (``numba`` on CPU), else
+3. the device's default (``numba`` on CPU, ``triton`` on CUDA), else
 4. the fallback ``numpy``.
 
 A choice made explicitly (1 or 2) that cannot run (unknown name, numba not importable,
@@ -121,6 +126,10 @@ def _module(path: str):
 
 register_backend("numba", _module(".numba_cpu"), devices=("cpu",), dtypes=("float32", "float64"),
                  default_for=("cpu",), description="fused numba CPU kernels (parallel, float64 accumulation)")
+register_backend("triton", _module(".triton_gpu"), devices=("cuda", "cpu"),
+                 dtypes=("float16", "bfloat16", "float32", "float64"), default_for=("cuda",),
+                 description="Triton GPU kernels (float32 accumulation; CPU tensors only under "
+                             "TRITON_INTERPRET=1)")
 register_backend("numpy", _module(".numpy_ref"), devices=("*",), dtypes=_FLOATS,
                  description="the float64 NumPy reference (always available, slow)")
 
@@ -163,6 +172,9 @@ def _problem(name: str, device: str, dtype: Optional[str]) -> Optional[str]:
     impl = _load(entry)
     if isinstance(impl, Exception):
         return f"it failed to load: {type(impl).__name__}: {impl}"
+    check = getattr(impl, "unavailable", None)
+    if check is not None:
+        return check(device)
     return None
 
 
