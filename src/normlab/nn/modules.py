@@ -90,11 +90,128 @@ def _check_dims(module, input):
             f"{tuple(input.shape)} has {input.shape[axis]} channels on axis {axis}; pass an input "
             f"with {module.num_features} channels, or build {name}({input.shape[axis]})")
 
+class _Checkpoint:
+    """Checkpoint loading shared by every normlab.nn normalization module (a mixin, first base).
+
+    State and versions are torch.nn's: the same state_dict keys, and torch's ``_version``
+    mechanism -- ``state_dict()._metadata[prefix]["version"]`` is the class's ``_version`` (2 for
+    the batch-norm family and InstanceNorm, whose version 1 had no ``num_batches_tracked``; 1
+    for LayerNorm, GroupNorm, RMSNorm, FrozenBatchNorm). The torch.nn base classes upgrade older
+    versions on load (a version-1 or unversioned checkpoint without ``num_batches_tracked``
+    keeps the module's own count, 0 for a fresh module), so a checkpoint moves both ways
+    between a normlab module and its torch.nn twin.
+
+    What this adds to torch's ``_load_from_state_dict``:
+
+    * all or nothing: torch copies the matching tensors of a module one by one and reports the
+      bad ones at the end, so a failed load leaves a half-loaded module. Here the checkpoint's
+      entries for this module are validated (tensor, shape) before anything is copied, and if
+      the load of this module fails anyway (a copy error, missing or unexpected keys under
+      ``strict=True``, torch's own version checks) every parameter and buffer is restored to
+      the object and values it had before. Inside ``_load_from_state_dict`` torch always
+      passes ``strict=True`` and decides about missing/unexpected keys only at the end of
+      ``load_state_dict``, so a per-module hook cannot tell a strict load from a lenient one:
+      errors (size, type, copy, version) restore the module there, and missing/unexpected keys
+      under ``strict=True`` are undone by ``load_state_dict`` when it is called on the normlab
+      module itself. (In a larger model, torch.nn's rule holds for the model: the modules whose
+      entries were fine are loaded before the error is raised.)
+    * a size mismatch names the key, both shapes and the constructor argument that fixes it.
+
+    The error is still raised by ``load_state_dict`` as torch's ``RuntimeError("Error(s) in
+    loading state_dict ...")``, listing our messages.
+    """
+
+    def _local_state(self):
+        params = {k: v for k, v in self._parameters.items() if v is not None}
+        buffers = {k: v for k, v in self._buffers.items()
+                   if v is not None and k not in self._non_persistent_buffers_set}
+        return params, buffers
+
+    def _size_fix(self, name, shape) -> str:
+        """How to build a module that takes a checkpoint entry ``name`` of ``shape``."""
+        cls = type(self).__name__
+        if len(shape) == 0:
+            return f"a {cls} stores {name} as a scalar; check that the checkpoint entry belongs to a {cls}"
+        if hasattr(self, "num_features") and len(shape) == 1:
+            return f"build it as {cls}(num_features={shape[0]}, ...) to load this checkpoint"
+        if hasattr(self, "num_channels") and len(shape) == 1:
+            return (f"build it as {cls}(num_groups, num_channels={shape[0]}, ...) (num_groups must "
+                    f"divide {shape[0]}) to load this checkpoint")
+        if hasattr(self, "normalized_shape"):
+            return f"build it as {cls}(normalized_shape={tuple(shape)}, ...) to load this checkpoint"
+        return f"build the {cls} with the checkpoint's sizes to load it"
+
+    def _checkpoint_errors(self, state_dict, prefix) -> list:
+        params, buffers = self._local_state()
+        cls = type(self).__name__
+        errors = []
+        for name, local in {**params, **buffers}.items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if not torch.overrides.is_tensor_like(value):
+                errors.append(f"{cls}: the checkpoint entry {key!r} is a {type(value).__name__}, "
+                              f"expected a tensor of shape {tuple(local.shape)}; nothing was "
+                              f"loaded into this {cls}")
+                continue
+            if torch.nn.parameter.is_lazy(local):
+                continue
+            got = tuple(value.shape)
+            if len(local.shape) == 0 and got == (1,):     # torch accepts 0.3-era 1-element tensors
+                continue
+            if got != tuple(local.shape):
+                errors.append(
+                    f"size mismatch for {key}: the checkpoint has shape {got} but this {cls} "
+                    f"({self.extra_repr()}) has shape {tuple(local.shape)}; {self._size_fix(name, got)}. "
+                    f"Nothing was loaded into this {cls}")
+        return errors
+
+    def _snapshot(self):
+        """(restore function) for every parameter and buffer of this module and its children."""
+        saved = []
+        for module in self.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is not None:
+                        saved.append((table, name, t, t.detach().clone()))
+
+        def restore():
+            with torch.no_grad():
+                for table, name, tensor, value in saved:
+                    table[name] = tensor        # the original object (assign=True replaces it)
+                    tensor.copy_(value)
+        return restore
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        errors = self._checkpoint_errors(state_dict, prefix)
+        if errors:              # refuse before any copy
+            error_msgs.extend(errors)
+            return
+        restore = self._snapshot()
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(error_msgs) > n_errors:
+            restore()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch.nn.Module.load_state_dict, all or nothing: if it raises (size mismatch, missing
+        or unexpected keys under ``strict=True``, ...), the module is left as it was."""
+        restore = self._snapshot()
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            restore()
+            raise
+
+
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm"]
 
 
-class _BatchNormForward:
+class _BatchNormForward(_Checkpoint):
     """forward() shared by BatchNorm1d/2d/3d: torch.nn's _BatchNorm policy, normlab's math.
 
     ``nonfinite_policy`` (class attribute None: the context's or process default; set it on an
@@ -138,7 +255,7 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     __doc__ = nn.BatchNorm3d.__doc__
 
 
-class _InstanceNormForward:
+class _InstanceNormForward(_Checkpoint):
     """forward() shared by InstanceNorm1d/2d/3d; ``nonfinite_policy`` as for BatchNorm."""
 
     nonfinite_policy = None
@@ -174,7 +291,7 @@ class InstanceNorm3d(_InstanceNormForward, nn.InstanceNorm3d):
 
 
 @_twin(nn.LayerNorm)
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(_Checkpoint, nn.LayerNorm):
     __doc__ = nn.LayerNorm.__doc__
 
     def forward(self, input):
@@ -182,7 +299,7 @@ class LayerNorm(nn.LayerNorm):
 
 
 @_twin(nn.GroupNorm)
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(_Checkpoint, nn.GroupNorm):
     __doc__ = nn.GroupNorm.__doc__
 
     def forward(self, input):
@@ -190,7 +307,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 @_twin(nn.RMSNorm)
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(_Checkpoint, nn.RMSNorm):
     __doc__ = nn.RMSNorm.__doc__
 
     def forward(self, input):

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import functional as F
+from .modules import _Checkpoint
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -124,7 +125,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None
 
 
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(_Checkpoint, nn.modules.batchnorm._BatchNorm):
     r"""Batch norm whose training statistics are those of the batch over all ranks.
 
     Same constructor, attributes and state_dict keys as ``torch.nn.SyncBatchNorm`` (and so as

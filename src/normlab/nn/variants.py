@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _checks
 from ..reference.ghost_batch_norm import virtual_batch_slices
 from . import functional as F
+from .modules import _Checkpoint
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
            "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
@@ -67,7 +68,7 @@ def _check_limit(value, name, low, what):
 # ----------------------------------------------------------------------------- Batch Renorm
 
 
-class _BatchRenorm(_BatchNorm):
+class _BatchRenorm(_Checkpoint, _BatchNorm):
     r"""Batch Renormalization (Ioffe, 2017, "Batch Renormalization: Towards Reducing Minibatch
     Dependence in Batch-Normalized Models", NeurIPS).
 
@@ -198,7 +199,7 @@ class BatchRenorm3d(_BatchRenorm):
 # ----------------------------------------------------------------------------- Ghost BN
 
 
-class _GhostBatchNorm(_BatchNorm):
+class _GhostBatchNorm(_Checkpoint, _BatchNorm):
     r"""Ghost Batch Normalization (Hoffer, Hubara & Soudry, 2017, "Train longer, generalize
     better: closing the generalization gap in large batch training of neural networks",
     NeurIPS, Algorithm 1).
@@ -289,7 +290,7 @@ class GhostBatchNorm3d(_GhostBatchNorm):
 # ----------------------------------------------------------------------------- Frozen BN
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(_Checkpoint, nn.Module):
     r"""Batch norm with fixed statistics and affine parameters, for any ``(N, C, *spatial)``.
 
     ``weight``, ``bias``, ``running_mean``, ``running_var`` are buffers, not parameters: an
