@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .. import _checks
+from . import adaptive as A
 from . import modules as M
 from . import variants as V
 
@@ -107,6 +108,31 @@ def _rmsnorm(C, dim, *, eps=None, affine=True, device=None, dtype=None):
     return M.RMSNorm(C, eps, affine, device, dtype)
 
 
+def _switchablenorm(C, dim, *, eps=1e-5, momentum=0.1, affine=True, device=None, dtype=None):
+    cls = _by_dim({1: A.SwitchableNorm1d, 2: A.SwitchableNorm2d, 3: A.SwitchableNorm3d}, dim,
+                  "switchablenorm")
+    return cls(C, eps, momentum, affine, device, dtype)
+
+
+def _any_rank(cls_2d, cls_any, dim):
+    """The rank-checked 2d class for dim=2, else the class that takes any (N, C, *spatial)."""
+    return cls_2d if dim == 2 else cls_any
+
+
+def _filterresponsenorm(C, dim, *, eps=1e-6, learnable_eps=False, learnable_eps_init=1e-4, tlu=True,
+                        affine=True, device=None, dtype=None):
+    cls = _any_rank(A.FilterResponseNorm2d, A.FilterResponseNorm, dim)
+    return cls(C, eps, learnable_eps, learnable_eps_init, tlu, affine, device, dtype)
+
+
+def _evonorm_b0(C, dim, *, eps=1e-5, momentum=0.1, affine=True, device=None, dtype=None):
+    return _any_rank(A.EvoNormB0_2d, A.EvoNormB0, dim)(C, eps, momentum, affine, device, dtype)
+
+
+def _evonorm_s0(C, dim, *, groups=None, eps=1e-5, affine=True, device=None, dtype=None):
+    return _any_rank(A.EvoNormS0_2d, A.EvoNormS0, dim)(C, groups, eps, affine, device, dtype)
+
+
 def _identity(C, dim, *, device=None, dtype=None):
     return nn.Identity()
 
@@ -136,6 +162,13 @@ _REGISTRY = {
     "layernorm": _Entry(_layernorm, (nn.LayerNorm,),
                         "LayerNorm over (C, *spatial) per sample = GroupNorm(1, C)"),
     "rmsnorm": _Entry(_rmsnorm, (nn.RMSNorm,), "RMSNorm(C) (Zhang & Sennrich 2019), (N, C) input"),
+    "switchablenorm": _Entry(_switchablenorm, (A._SwitchableNorm,),
+                             "SwitchableNorm{dim}d (Luo et al. 2018): softmax mix of IN, LN, BN statistics"),
+    "filterresponsenorm": _Entry(_filterresponsenorm, (A.FilterResponseNorm,),
+                                 "FilterResponseNorm(2d) + TLU (Singh & Krishnan 2019); tlu=False: FRN only"),
+    "evonorm_b0": _Entry(_evonorm_b0, (A.EvoNormB0,), "EvoNormB0(_2d) (Liu et al. 2020), batch variance"),
+    "evonorm_s0": _Entry(_evonorm_s0, (A.EvoNormS0,),
+                         "EvoNormS0(_2d) (Liu et al. 2020), group std; groups defaults to gcd(32, C)"),
     "identity": _Entry(_identity, (nn.Identity,), "no normalization"),
 }
 
@@ -148,6 +181,10 @@ _ALIASES = {
     "gn": "groupnorm", "groupnorm": "groupnorm",
     "ln": "layernorm", "layernorm": "layernorm",
     "rms": "rmsnorm", "rmsnorm": "rmsnorm",
+    "sn": "switchablenorm", "switchablenorm": "switchablenorm", "switchnorm": "switchablenorm",
+    "frn": "filterresponsenorm", "filterresponsenorm": "filterresponsenorm",
+    "evonormb0": "evonorm_b0", "evonorm_b0": "evonorm_b0",
+    "evonorms0": "evonorm_s0", "evonorm_s0": "evonorm_s0",
     "none": "identity", "identity": "identity",
 }
 
@@ -192,6 +229,11 @@ def create_norm(name, num_channels, **kw) -> nn.Module:
     groupnorm (gn)      GroupNorm(num_groups, C)                    C/G channels x spatial
     layernorm (ln)      GroupNorm(1, C)                             C x spatial (per sample)
     rmsnorm (rms)       RMSNorm(C), (N, C) input only               C, uncentered
+    switchablenorm (sn) SwitchableNorm{dim}d                        softmax mix of IN, LN, BN
+    filterresponsenorm  FilterResponseNorm2d (dim=2, else any rank) spatial, uncentered; + TLU
+      (frn)
+    evonorm_b0          EvoNormB0_2d (dim=2, else any rank)         batch var, instance var
+    evonorm_s0          EvoNormS0_2d (dim=2, else any rank)         group var; x * sigmoid(vx)
     identity (none)     nn.Identity                                 —
     ==================  ==========================================  =========================
 
@@ -201,8 +243,10 @@ def create_norm(name, num_channels, **kw) -> nn.Module:
         name: a method name above.
         num_channels: C (> 0).
         dim: 1, 2 or 3, the input's rank as in BatchNorm{dim}d; required by the methods whose
-            module class depends on it (batchnorm, batchrenorm, ghostbatchnorm, instancenorm)
-            unless the name has the suffix; ignored by the others.
+            module class depends on it (batchnorm, batchrenorm, ghostbatchnorm, instancenorm,
+            switchablenorm) unless the name has the suffix; filterresponsenorm, evonorm_b0 and
+            evonorm_s0 give their rank-checked 2d class for dim=2 and their any-rank class
+            otherwise; ignored by the others.
         **kw: passed to the constructor; each method accepts the keywords of its class
             (``eps``, ``affine``, ``device``, ``dtype``; ``momentum`` and
             ``track_running_stats`` for the running-statistics methods; ``num_groups`` for
