@@ -90,14 +90,23 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable(device: str) -> Optional[str]:
-    """Why this backend cannot run on ``device`` ("cuda", "cpu"), or None (the registry asks)."""
+    """Why the registry should not pick this backend for ``device`` ("cuda", "cpu"), or None.
+
+    On CPU that needs kernels built for the interpreter and ``TRITON_INTERPRET`` set now (the
+    caller asks for the interpreter); the functions of this module themselves only need the
+    former (``_cannot_run``).
+    """
+    if device == "cpu" and INTERPRET and not _env_interpret():
+        return ("TRITON_INTERPRET is not set now (the kernels were built for the interpreter; "
+                "set it again to choose them for CPU tensors)")
+    return _cannot_run(device)
+
+
+def _cannot_run(device: str) -> Optional[str]:
     if device == "cpu":
         if not INTERPRET:
             return ("it runs on CPU tensors only in the Triton interpreter: set TRITON_INTERPRET=1 "
                     "before triton and normlab's Triton kernels are imported (slow; for tests)")
-        if not _env_interpret():
-            return ("TRITON_INTERPRET is not set now (the kernels were built for the interpreter, "
-                    "set it again to run them on CPU tensors)")
         return None
     if device == "cuda":
         if INTERPRET:
@@ -145,6 +154,17 @@ def _warps(block: int) -> int:
     return int(min(16, max(1, block // 512)))
 
 
+# Only builtins of triton.language (and jit functions of this module) are used inside the
+# kernels: triton.language's own jit helpers (tl.sum, tl.zeros) are built when triton is
+# imported, and in a process that imported triton before TRITON_INTERPRET was set they cannot
+# run under the interpreter. ``_rsum`` is tl.sum for float input (the interpreter runs the
+# standard sum combiner as np.sum).
+
+@triton.jit
+def _rsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
 # =============================================================================================
 # row kernels: LayerNorm / RMSNorm (optionally after a residual add)
 # =============================================================================================
@@ -165,11 +185,11 @@ def _row_fwd(X, RES, S, Y, W, B, MEAN, RSTD, L, eps,
             tl.store(S + base + cols, xs, mask=m)
             x = xs.to(ACC)                  # normalize the sum as stored (rounded)
         if CENTERED:
-            mean = tl.sum(x, axis=0) / L
+            mean = _rsum(x, axis=0) / L
             xc = tl.where(m, x - mean, 0.0)
         else:
             xc = x
-        var = tl.sum(xc * xc, axis=0) / L
+        var = _rsum(xc * xc, axis=0) / L
         rstd = 1.0 / tl.sqrt(var + eps)
         y = xc * rstd
         if HAS_W:
@@ -178,7 +198,7 @@ def _row_fwd(X, RES, S, Y, W, B, MEAN, RSTD, L, eps,
             y = y + tl.load(B + cols, mask=m, other=0.0).to(ACC)
         tl.store(Y + base + cols, y.to(Y.dtype.element_ty), mask=m)
     else:
-        zero = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+        zero = _rsum(tl.full([BLOCK], 0.0, ACC), axis=0)
         n = zero
         mean = zero
         m2 = zero
@@ -191,17 +211,17 @@ def _row_fwd(X, RES, S, Y, W, B, MEAN, RSTD, L, eps,
                 tl.store(S + base + cols, xs, mask=m)
                 x = xs.to(ACC)
             if CENTERED:
-                nb = tl.sum(m.to(ACC), axis=0)
-                mb = tl.sum(x, axis=0) / nb
+                nb = _rsum(m.to(ACC), axis=0)
+                mb = _rsum(x, axis=0) / nb
                 xc = tl.where(m, x - mb, 0.0)
-                m2b = tl.sum(xc * xc, axis=0)
+                m2b = _rsum(xc * xc, axis=0)
                 tot = n + nb
                 delta = mb - mean
                 mean = mean + delta * (nb / tot)
                 m2 = m2 + m2b + delta * delta * (n * nb / tot)
                 n = tot
             else:
-                m2 = m2 + tl.sum(x * x, axis=0)
+                m2 = m2 + _rsum(x * x, axis=0)
         rstd = 1.0 / tl.sqrt(m2 / L + eps)
         for start in range(0, L, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -237,8 +257,8 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
         m = cols < L
         if HAS_W:
             w = tl.load(W + cols, mask=m, other=0.0).to(ACC)
-        dw_acc = tl.zeros([BLOCK], ACC)
-        db_acc = tl.zeros([BLOCK], ACC)
+        dw_acc = tl.full([BLOCK], 0.0, ACC)
+        db_acc = tl.full([BLOCK], 0.0, ACC)
         for r in range(r0, r1):
             base = r * L
             x = tl.load(X + base + cols, mask=m, other=0.0).to(ACC)
@@ -246,7 +266,7 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
             rstd = tl.load(RSTD + r).to(ACC)
             if CENTERED:
                 xc = tl.where(m, x - tl.load(MEAN + r).to(ACC), 0.0)
-                xc = tl.where(m, xc - tl.sum(xc, axis=0) / L, 0.0)    # exact batch mean
+                xc = tl.where(m, xc - _rsum(xc, axis=0) / L, 0.0)    # exact batch mean
             else:
                 xc = x
             xhat = xc * rstd
@@ -254,9 +274,9 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
                 g = dy * w
             else:
                 g = dy
-            c1 = tl.sum(g * xhat, axis=0) / L
+            c1 = _rsum(g * xhat, axis=0) / L
             if CENTERED:
-                c2 = tl.sum(g, axis=0) / L
+                c2 = _rsum(g, axis=0) / L
                 dx = rstd * (g - c2 - xhat * c1)
             else:
                 dx = rstd * (g - xhat * c1)
@@ -277,7 +297,7 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
             rstd = tl.load(RSTD + r).to(ACC)
             if CENTERED:
                 mu = tl.load(MEAN + r).to(ACC)
-            zero = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
+            zero = _rsum(tl.full([BLOCK], 0.0, ACC), axis=0)
             s_xc = zero
             s_g = zero
             s_gxc = zero
@@ -290,11 +310,11 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
                     g = g * tl.load(W + cols, mask=m, other=0.0).to(ACC)
                 if CENTERED:
                     xc = tl.where(m, x - mu, 0.0)
-                    s_xc += tl.sum(xc, axis=0)
-                    s_g += tl.sum(g, axis=0)
+                    s_xc += _rsum(xc, axis=0)
+                    s_g += _rsum(g, axis=0)
                 else:
                     xc = x
-                s_gxc += tl.sum(g * xc, axis=0)
+                s_gxc += _rsum(g * xc, axis=0)
             if CENTERED:
                 delta = s_xc / L
                 mu = mu + delta
@@ -341,17 +361,17 @@ def _plane_moments(X, MEAN, M2, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constex
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < R
     base = rows.to(tl.int64) * S
-    n = tl.zeros([BLOCK_R], ACC)
-    mean = tl.zeros([BLOCK_R], ACC)
-    m2 = tl.zeros([BLOCK_R], ACC)
+    n = tl.full([BLOCK_R], 0.0, ACC)
+    mean = tl.full([BLOCK_R], 0.0, ACC)
+    m2 = tl.full([BLOCK_R], 0.0, ACC)
     for start in range(0, S, BLOCK_S):
         cols = start + tl.arange(0, BLOCK_S)
         msk = rm[:, None] & (cols < S)[None, :]
         x = tl.load(X + base[:, None] + cols[None, :], mask=msk, other=0.0).to(ACC)
-        nb = tl.sum(msk.to(ACC), axis=1)
-        mb = tl.sum(x, axis=1) / tl.maximum(nb, 1.0)
+        nb = _rsum(msk.to(ACC), axis=1)
+        mb = _rsum(x, axis=1) / tl.maximum(nb, 1.0)
         xc = tl.where(msk, x - mb[:, None], 0.0)
-        m2b = tl.sum(xc * xc, axis=1)
+        m2b = _rsum(xc * xc, axis=1)
         tot = tl.maximum(n + nb, 1.0)
         delta = mb - mean
         mean = mean + delta * (nb / tot)
@@ -369,9 +389,9 @@ def _plane_sums(DY, X, MU, SDY, SDYXC, SXC, R, S, BLOCK_R: tl.constexpr,
     rm = rows < R
     base = rows.to(tl.int64) * S
     mu = tl.load(MU + rows, mask=rm, other=0.0).to(ACC)
-    sdy = tl.zeros([BLOCK_R], ACC)
-    sdyxc = tl.zeros([BLOCK_R], ACC)
-    sxc = tl.zeros([BLOCK_R], ACC)
+    sdy = tl.full([BLOCK_R], 0.0, ACC)
+    sdyxc = tl.full([BLOCK_R], 0.0, ACC)
+    sxc = tl.full([BLOCK_R], 0.0, ACC)
     for start in range(0, S, BLOCK_S):
         cols = start + tl.arange(0, BLOCK_S)
         msk = rm[:, None] & (cols < S)[None, :]
@@ -379,9 +399,9 @@ def _plane_sums(DY, X, MU, SDY, SDYXC, SXC, R, S, BLOCK_R: tl.constexpr,
         x = tl.load(X + off, mask=msk, other=0.0).to(ACC)
         dy = tl.load(DY + off, mask=msk, other=0.0).to(ACC)
         xc = tl.where(msk, x - mu[:, None], 0.0)
-        sdy += tl.sum(dy, axis=1)
-        sdyxc += tl.sum(dy * xc, axis=1)
-        sxc += tl.sum(xc, axis=1)
+        sdy += _rsum(dy, axis=1)
+        sdyxc += _rsum(dy * xc, axis=1)
+        sxc += _rsum(xc, axis=1)
     tl.store(SDY + rows, sdy.to(SDY.dtype.element_ty), mask=rm)
     tl.store(SDYXC + rows, sdyxc.to(SDYXC.dtype.element_ty), mask=rm)
     tl.store(SXC + rows, sxc.to(SXC.dtype.element_ty), mask=rm)
@@ -399,18 +419,18 @@ def _col_moments(X, MEAN_P, M2_P, M, K, rows_per_prog, P, BLOCK_M: tl.constexpr,
     r0 = p * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, M)
     slab = b * M * K
-    n = tl.zeros([BLOCK_K], ACC)
-    mean = tl.zeros([BLOCK_K], ACC)
-    m2 = tl.zeros([BLOCK_K], ACC)
+    n = tl.full([BLOCK_K], 0.0, ACC)
+    mean = tl.full([BLOCK_K], 0.0, ACC)
+    m2 = tl.full([BLOCK_K], 0.0, ACC)
     for start in range(r0, r1, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         msk = (rows < r1)[:, None] & km[None, :]
         x = tl.load(X + slab + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=msk,
                     other=0.0).to(ACC)
-        nb = tl.sum(msk.to(ACC), axis=0)
-        mb = tl.sum(x, axis=0) / tl.maximum(nb, 1.0)
+        nb = _rsum(msk.to(ACC), axis=0)
+        mb = _rsum(x, axis=0) / tl.maximum(nb, 1.0)
         xc = tl.where(msk, x - mb[None, :], 0.0)
-        m2b = tl.sum(xc * xc, axis=0)
+        m2b = _rsum(xc * xc, axis=0)
         tot = tl.maximum(n + nb, 1.0)
         delta = mb - mean
         mean = mean + delta * (nb / tot)
@@ -433,9 +453,9 @@ def _col_sums(DY, X, MU, SDY_P, SDYXC_P, SXC_P, M, K, rows_per_prog, P,
     r1 = tl.minimum(r0 + rows_per_prog, M)
     slab = b * M * K
     mu = tl.load(MU + b * K + ks, mask=km, other=0.0).to(ACC)
-    sdy = tl.zeros([BLOCK_K], ACC)
-    sdyxc = tl.zeros([BLOCK_K], ACC)
-    sxc = tl.zeros([BLOCK_K], ACC)
+    sdy = tl.full([BLOCK_K], 0.0, ACC)
+    sdyxc = tl.full([BLOCK_K], 0.0, ACC)
+    sxc = tl.full([BLOCK_K], 0.0, ACC)
     for start in range(r0, r1, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         msk = (rows < r1)[:, None] & km[None, :]
@@ -443,9 +463,9 @@ def _col_sums(DY, X, MU, SDY_P, SDYXC_P, SXC_P, M, K, rows_per_prog, P,
         x = tl.load(X + off, mask=msk, other=0.0).to(ACC)
         dy = tl.load(DY + off, mask=msk, other=0.0).to(ACC)
         xc = tl.where(msk, x - mu[None, :], 0.0)
-        sdy += tl.sum(dy, axis=0)
-        sdyxc += tl.sum(dy * xc, axis=0)
-        sxc += tl.sum(xc, axis=0)
+        sdy += _rsum(dy, axis=0)
+        sdyxc += _rsum(dy * xc, axis=0)
+        sxc += _rsum(xc, axis=0)
     out = (b * P + p) * K + ks
     tl.store(SDY_P + out, sdy.to(SDY_P.dtype.element_ty), mask=km)
     tl.store(SDYXC_P + out, sdyxc.to(SDYXC_P.dtype.element_ty), mask=km)
@@ -504,7 +524,7 @@ def _input(x):
         raise TypeError(
             f"the triton backend supports float16, bfloat16, float32 and float64 input, got dtype "
             f"{x.dtype}; cast the input, e.g. x.float()")
-    why = unavailable(x.device.type)
+    why = _cannot_run(x.device.type)
     if why is not None:
         raise ValueError(f"the triton backend cannot run on a tensor on {x.device}: {why}")
     return x

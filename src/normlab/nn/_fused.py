@@ -1,7 +1,12 @@
 r"""Fused autograd: torch.library custom ops whose forward and backward are the fused kernels.
 
-Layers (see ARCHITECTURE.md): ``normlab.kernels`` (the fused CPU kernels) -> these ops -> the
-dispatch in ``normlab.nn.functional`` -> the modules.
+Layers (see ARCHITECTURE.md): ``normlab.kernels`` (the fused kernels: numba on CPU, Triton on
+CUDA) -> these ops -> the dispatch in ``normlab.nn.functional`` -> the modules.
+
+Which kernels: the registry's choice for the tensor's device and dtype (``NORMLAB_BACKEND``,
+then the device default) when that is a fused backend (``BACKENDS``), else the device's fused
+backend (``DEVICE_BACKENDS``). The ops have CPU and CUDA implementations. Statistics outputs are
+float32 for 16-bit inputs (Triton's accumulation dtype) and x's dtype otherwise.
 
 One mechanism over a method table. Every method (``METHODS``) is described by one ``Method``
 record: how to call the backend's forward and backward kernels, the shape of its statistics,
@@ -48,17 +53,28 @@ from torch import Tensor
 
 from . import _composite
 
-__all__ = ["METHODS", "OPS", "BACKEND", "batch_norm_train", "batch_norm_eval", "instance_norm",
+__all__ = ["METHODS", "OPS", "BACKEND", "BACKENDS", "DEVICE_BACKENDS", "batch_norm_train", "batch_norm_eval", "instance_norm",
            "group_norm", "layer_norm", "rms_norm", "channels_last_view"]
 
 #: the kernel backend the CPU implementations of the ops call
 BACKEND = "numba"
+#: the kernel backends these ops can run on, and each device's
+BACKENDS = ("numba", "triton")
+DEVICE_BACKENDS = {"cpu": BACKEND, "cuda": "triton"}
 
 
 def _backend(x: Tensor):
     from ..kernels import get_backend
 
-    return get_backend(BACKEND, device="cpu", dtype=x.dtype)
+    dev = x.device.type
+    be = get_backend(None, device=dev, dtype=x.dtype)
+    if be.name not in BACKENDS:
+        be = get_backend(DEVICE_BACKENDS.get(dev, BACKEND), device=dev, dtype=x.dtype)
+    return be
+
+
+def _stat_dtype(x: Tensor):
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def channels_last_view(x: Tensor) -> bool:
@@ -238,18 +254,20 @@ def _define(method: Method):
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         xk, cl = _kernel_view(method, x)
         y, m, v, r = method.forward(_backend(x), xk, weight, bias, mean, var, list(arg), eps, cl)
-        return _own_layout(y, cl), _or_empty(m, x), _or_empty(v, x), r
+        sd = _stat_dtype(x)
+        return _own_layout(y, cl), _or_empty(m, x).to(sd), _or_empty(v, x).to(sd), r.to(sd)
 
     forward.__name__ = name
     fwd_op = torch.library.custom_op(f"normlab::{name}", forward, mutates_args=(),
-                                     device_types="cpu", tags=tags)
+                                     device_types=("cpu", "cuda"), tags=tags)
 
     @fwd_op.register_fake
     def _(x, weight, bias, mean, var, arg, eps):
         stats = method.stats_shape(x, arg)
-        m = x.new_empty(stats if method.returns_mean else _EMPTY_SHAPE)
-        v = x.new_empty(stats if method.returns_var else _EMPTY_SHAPE)
-        return _output_like(method, x), m, v, x.new_empty(stats)
+        sd = _stat_dtype(x)
+        m = x.new_empty(stats if method.returns_mean else _EMPTY_SHAPE, dtype=sd)
+        v = x.new_empty(stats if method.returns_var else _EMPTY_SHAPE, dtype=sd)
+        return _output_like(method, x), m, v, x.new_empty(stats, dtype=sd)
 
     def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                  arg: Sequence[int], need_weight_grad: bool, need_bias_grad: bool
@@ -262,7 +280,7 @@ def _define(method: Method):
 
     backward.__name__ = f"{name}_backward"
     bwd_op = torch.library.custom_op(f"normlab::{name}_backward", backward, mutates_args=(),
-                                     device_types="cpu", tags=tags)
+                                     device_types=("cpu", "cuda"), tags=tags)
 
     @bwd_op.register_fake
     def _(dy, x, weight, mean, rstd, arg, need_weight_grad, need_bias_grad):

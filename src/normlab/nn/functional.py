@@ -11,9 +11,10 @@ cumulative average, as torch.nn's modules do)::
 Channels-last (``torch.channels_last`` / ``channels_last_3d``) inputs give channels-last outputs.
 
 Which implementation runs: the kernel registry (``normlab.kernels.get_backend``) is asked for
-the input's device and dtype. When it picks the fused ``numba`` backend (CPU, float32/float64,
-weight and bias of the same dtype), the fused custom ops of ``_fused`` run (fused forward and
-backward kernels, ``torch.compile``-able); otherwise -- other devices, 16-bit dtypes,
+the input's device and dtype. When it picks a fused backend -- ``numba`` (CPU, float32/float64)
+or ``triton`` (CUDA, float16/bfloat16/float32/float64) -- with weight and bias of the input's
+dtype, the fused custom ops of ``_fused`` run (fused forward and backward kernels,
+``torch.compile``-able); otherwise -- other devices, 16-bit dtypes on CPU,
 ``NORMLAB_BACKEND=numpy`` -- the differentiable torch composite (``_composite``) runs. As
 everywhere in normlab, an explicit choice (``NORMLAB_BACKEND``) that cannot run raises
 ``ValueError``; the automatic choice falls back. Empty inputs always take the composite path.
@@ -32,7 +33,7 @@ from . import _composite, _fused
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @torch.compiler.assume_constant_result
@@ -45,7 +46,7 @@ def _registry_picks_fused(device_type: str, dtype_name: str, env: str) -> bool:
     ``torch._dynamo.reset()`` (or a fresh ``torch.compile``) to take effect.
     """
     try:
-        return get_backend(None, device=device_type, dtype=dtype_name).name == _fused.BACKEND
+        return get_backend(None, device=device_type, dtype=dtype_name).name in _fused.BACKENDS
     except ValueError:
         if env.strip():     # an explicit choice that cannot run: the registry's error stands
             raise
