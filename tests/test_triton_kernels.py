@@ -493,3 +493,39 @@ def test_every_kernel_compiles_for_sm90_with_the_real_compiler():
     assert "compiled 32" in out.stdout, out.stdout
     if not torch.cuda.is_available():
         assert "explicit-without-cuda: ok" in out.stdout
+
+
+# --- the GPU bench's plumbing, on CPU tensors in the interpreter ------------------------------
+
+@pytest.mark.parametrize("case", [
+    dict(method="layer_norm", shape=(6, 40)),
+    dict(method="rms_norm", shape=(3, 24), dtype="float32"),
+    dict(method="batch_norm", shape=(4, 3, 5, 6), channels_last=True),
+    dict(method="group_norm", shape=(2, 6, 4, 5), groups=3),
+    dict(method="instance_norm", shape=(2, 3, 4, 2, 3), channels_last=True),
+], ids=lambda c: c["method"])
+def test_gpu_bench_case_runs_its_parity_check_and_every_mode(case, env, small_blocks):
+    """run_case with a timer that calls each implementation once and times nothing (1 s): the
+    parity check against float64 torch, our kernels and autograd path, eager torch's calls and
+    the record; the GB/s columns below are therefore the byte model at 1 s, not a measurement."""
+    from normlab import bench_gpu as G
+
+    env.setenv("TRITON_INTERPRET", "1")
+    env.setenv(kernels.ENV_VAR, "triton")
+    called = []
+
+    def once(fn, repeat, min_time):
+        fn()
+        called.append(fn)
+        return {"median_s": 1.0}
+
+    c = G.GpuCase(**{"dtype": "bfloat16", **case})
+    be = kernels.get_backend("triton", device="cpu")
+    rec = G.run_case(c, be, repeat=1, min_time=0.0, copy_GBps=1.0, log=lambda s: None,
+                     device="cpu", timer=once, peers=("eager",))
+    assert rec["parity_ok"], rec["parity"]
+    assert "errors" not in rec, rec["errors"]
+    assert tuple(rec["modes"]) == c.modes
+    assert len(called) == 2 * len(c.modes)              # ours and eager, every mode
+    for mode, r in rec["modes"].items():
+        assert r["GBps"] == G.UNITS[mode] * c.nbytes / 1e9 and r["x"] == {"eager": 1.0}

@@ -977,9 +977,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="keep the cases whose '<suite> <name>' matches this regular "
                              "expression (case-insensitive), e.g. 'layer_norm', 'NHWC', "
                              "'tabular.*fp64', 'overhead'; see --list")
-    parser.add_argument("--dtype", choices=("suite", "float32", "float64", "both"), default="suite",
+    parser.add_argument("--dtype", choices=("suite", "float32", "float64", "both", "bfloat16", "float16"),
+                        default="suite",
                         help="suite (default): fp32, plus fp64 for tabular BN; or one dtype, or both "
-                             "for every case")
+                             "for every case. With --device cuda: suite/both = bf16 and fp32, or "
+                             "float32, bfloat16, float16")
     parser.add_argument("--backend", default=None,
                         help="normlab.kernels backend for 'ours' (default: the device's default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -1024,14 +1026,12 @@ def run(args: argparse.Namespace) -> int:
     """``normlab bench`` with parsed options; the exit code (1 when a parity check failed)."""
     err = sys.stderr
     if args.device == "cuda":
-        import torch
+        from normlab import bench_gpu
 
-        if not torch.cuda.is_available():
-            print(f"normlab bench: --device cuda asked for, but torch {torch.__version__} sees no "
-                  f"CUDA device (torch.cuda.is_available() is False); run on a machine with a CUDA "
-                  f"GPU and a CUDA build of torch, or use --device cpu", file=err)
-        else:
-            print("normlab bench: the CUDA suite is not written yet; use --device cpu", file=err)
+        return bench_gpu.run(args)
+    if args.dtype in ("bfloat16", "float16"):
+        print(f"normlab bench: --dtype {args.dtype} is for --device cuda; the CPU suite takes "
+              f"suite, float32, float64 or both", file=err)
         return 2
     for opt in ("repeat", "threads"):
         v = getattr(args, opt)
