@@ -40,7 +40,6 @@ def test_end_to_end_tiny_batch_size_study_writes_every_output(tmp_path, capsys):
     assert "data:image/png;base64," in html and "batch-size" in html and "<table>" in html
     md = (tmp_path / "report.md").read_text()
     assert "## batch-size" in md and "![batch-size](batch-size.png)" in md
-    assert "rnn" in md  # the out-of-scope study is named in the notes
     # the verdict is printed with its numbers
     assert re.search(r"\[batch-size\] [A-Z ]+:", out)
     assert re.search(r"error\(B=16\) - error\(B=64\): [+-]\d+\.\d ± \d+\.\d pts", out)
@@ -212,10 +211,50 @@ def test_few_seeds_or_noise_give_inconclusive():
     assert a.checks[1].status == "inconclusive"
 
 
+def test_end_to_end_tiny_rnn_study(tmp_path, capsys):
+    rc = cli.main(["study", "rnn", "--dataset", "digits", "--norms", "none,ln,bn", "--batch-sizes", "64,256",
+                   "--seeds", "2", "--epochs", "1", "--jobs", "1", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    recs = _lines(tmp_path / "results.jsonl")
+    assert sorted((r["config"]["norm"], r["config"]["batch_size"]) for r in recs) == sorted(
+        (n, b) for n in ("none", "ln", "bn") for b in (64, 256) for _ in range(2)), out
+    assert {r["config"]["model"] for r in recs} == {"lstm"}
+    assert all(0.0 <= r["metrics"]["test_acc"] <= 1.0 for r in recs)
+    assert (tmp_path / "rnn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert "## rnn" in md and "recurrent BN (BNLSTM)" in md and "16 steps of 4 values" in md
+    assert re.search(r"\[rnn\] [A-Z ]+:", out)
+
+
+def test_rnn_gru_plan_leaves_out_recurrent_bn():
+    plan = studies.STUDIES["rnn"].plan(studies.Options(model="gru", seeds=1))
+    assert {c["norm"] for c in plan} == {"none", "ln"} and {c["model"] for c in plan} == {"gru"}
+    plan = studies.STUDIES["rnn"].plan(studies.Options(model="mlp", seeds=1))   # a feed-forward --model
+    assert {c["model"] for c in plan} == {"lstm"}                                 # leaves rnn on its own
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_rnn_verdict_follows_the_records(flip):
+    recs = []
+    for s in range(3):
+        for b in (8, 32):
+            e = {"none": 0.6, "ln": 0.3, "bn": 0.3 if b == 32 else 0.55}
+            if flip:
+                e = {"none": 0.3, "ln": 0.6, "bn": 0.6 if b == 32 else 0.4}
+            for n, err in e.items():
+                recs.append(_rec("rnn", {"test_acc": 1 - err - 0.01 * s}, s, norm=n, batch_size=b))
+    a = _verdict("rnn", recs)
+    assert len(a.checks) == 3
+    assert a.status == ("not supported" if flip else "supported"), [c.detail for c in a.checks]
+
+
 # ------------------------------------------------------------------ bad arguments
 @pytest.mark.parametrize("argv, words", [
     (["study", "frobnicate"], ["unknown study 'frobnicate'", "batch-size", "domain-shift"]),
-    (["study", "rnn"], ["not available", "recurrent"]),
+    (["study", "rnn", "--norms", "bn,gn"], ["norm 'gn' has no recurrent form", "none, ln, bn"]),
+    (["study", "rnn", "--model", "cnn"], ["--model cnn does not fit the rnn study", "lstm or gru"]),
+    (["study", "--model", "lstm"], ["--model lstm does not fit", "normlab study rnn --model lstm"]),
     (["study", "batch-size", "--norms", "bn,xyz"], ["unknown norm 'xyz'", "gn", "ln"]),
     (["study", "batch-size", "--batch-sizes", "2,5000", "--dataset", "digits"], ["larger than the 1348", "2..1348"]),
     (["study", "batch-size", "--batch-sizes", "1"], ["at least 2"]),

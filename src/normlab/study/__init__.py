@@ -32,13 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("studies", nargs="*", metavar="STUDY",
                    help=f"studies to run (default: all): {', '.join(STUDIES)}")
     p.add_argument("--profile", default="quick", help="quick (about 10 min on 2 cores) or full")
-    p.add_argument("--norms", type=_csv("norms"), help="batch-size study: comma list of norms "
+    p.add_argument("--norms", type=_csv("norms"), help="batch-size and rnn studies: comma list of norms "
                    "(none, bn, brn, ghost, gn, ln, in)")
-    p.add_argument("--batch-sizes", type=_csv("batch sizes"), help="batch-size study: comma list, e.g. 2,8,32")
+    p.add_argument("--batch-sizes", type=_csv("batch sizes"), help="batch-size and rnn studies: comma list, e.g. 2,8,32")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1) per configuration")
     p.add_argument("--epochs", type=int, help="epochs per run (overrides the profile)")
     p.add_argument("--dataset", help="mnist1d or digits (default: the study's own; domain-shift is always mnist1d)")
-    p.add_argument("--model", help="mlp or cnn (default: the study's own)")
+    p.add_argument("--model", help="mlp or cnn for the feed-forward studies, lstm or gru for rnn "
+                                    "(default: the study's own)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU cores, 1 on cuda)")
     p.add_argument("--out", default="study-out", help="output folder (default: study-out)")
@@ -57,7 +58,7 @@ def _choose(value, valid, what):
 
 def _options(args):
     from .data import DATASETS
-    from .models import ALL_NORMS, MODELS, available_norms
+    from .models import ALL_NORMS, MODELS, RNN_NORMS, available_norms
     from .runner import get_dataset
 
     names = args.studies or list(STUDIES)
@@ -72,6 +73,14 @@ def _options(args):
         _choose(args.dataset, DATASETS, "dataset")
     if args.model is not None:
         _choose(args.model, MODELS, "model")
+        wrong = [n for n in names if args.model not in STUDIES[n].models]
+        # with no study named, a feed-forward --model leaves the rnn study on its own model
+        if wrong and (args.studies or not any(args.model in STUDIES[n].models for n in names if n != "rnn")):
+            fits = [n for n in STUDIES if args.model in STUDIES[n].models]
+            raise _BadArgs(f"--model {args.model} does not fit the {', '.join(wrong)} stud"
+                           f"{'y' if len(wrong) == 1 else 'ies'} (they train "
+                           f"{' or '.join(dict.fromkeys(m for n in wrong for m in STUDIES[n].models))}); "
+                           f"name the studies it fits: normlab study {' '.join(fits)} --model {args.model}")
     _choose(args.device, ["cpu", "cuda"], "device")
     if args.device == "cuda":
         import torch
@@ -87,6 +96,9 @@ def _options(args):
         usable, skipped = available_norms()
         for n in args.norms:
             _choose(n, ALL_NORMS, "norm")
+            if args.studies and "rnn" in names and n not in RNN_NORMS:
+                raise _BadArgs(f"norm {n!r} has no recurrent form for the rnn study; choose from "
+                               f"{', '.join(RNN_NORMS)} (or run the rnn study on its own)")
             if n in skipped:
                 raise _BadArgs(f"norm {n!r} cannot run: {skipped[n]}; usable norms: {', '.join(usable)}")
         if args.model == "mlp" and "in" in args.norms:

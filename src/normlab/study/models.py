@@ -99,7 +99,45 @@ class CNN1d(nn.Module):
         return self.net(x)
 
 
-MODELS = ("mlp", "cnn")
+class RNN(nn.Module):
+    """The signal read as a sequence of ``length / STEP`` steps of ``STEP`` consecutive values ->
+    one recurrent layer (hidden 64) -> its last hidden state -> Linear.
+
+    ``cell`` "lstm" or "gru"; ``norm`` "none" (``LayerNormLSTM/GRU(layer_norm=False)``, which is
+    torch.nn.LSTM/GRU), "ln" (LayerNorm LSTM/GRU, Ba et al. 2016) or "bn" (recurrent batch norm,
+    ``BNLSTM`` with per-step statistics for every step, Cooijmans et al. 2016; LSTM only).
+    """
+
+    HIDDEN = 64
+    STEP = 4
+
+    def __init__(self, length, num_classes, norm, cell="lstm"):
+        super().__init__()
+        import normlab.nn as nlnn
+
+        if norm not in RNN_NORMS:
+            raise ValueError(f"norm {norm!r} has no recurrent form; choose from {', '.join(RNN_NORMS)}")
+        if length % self.STEP:
+            raise ValueError(f"the RNN reads {self.STEP} values per step; the signal length {length} "
+                             f"is not a multiple of {self.STEP}")
+        steps = length // self.STEP
+        if norm == "bn":
+            if cell != "lstm":
+                raise ValueError("recurrent batch norm (norm 'bn') exists for the LSTM only; use --model lstm")
+            self.rnn = nlnn.BNLSTM(self.STEP, self.HIDDEN, batch_first=True, max_steps=steps)
+        else:
+            cls = nlnn.LayerNormLSTM if cell == "lstm" else nlnn.LayerNormGRU
+            self.rnn = cls(self.STEP, self.HIDDEN, batch_first=True, layer_norm=norm == "ln")
+        self.head = nn.Linear(self.HIDDEN, num_classes)
+
+    def forward(self, x):                     # x: (N, 1, L) -> (N, L / STEP, STEP)
+        _, state = self.rnn(x.reshape(x.shape[0], -1, self.STEP))
+        h = state[0] if isinstance(state, tuple) else state
+        return self.head(h[-1])
+
+
+RNN_NORMS = ("none", "ln", "bn")
+MODELS = ("mlp", "cnn", "lstm", "gru")
 
 
 def build_model(model: str, length: int, num_classes: int, norm: str, *, init_scale: float = 1.0,
@@ -110,6 +148,8 @@ def build_model(model: str, length: int, num_classes: int, norm: str, *, init_sc
         m = MLP(length, num_classes, norm, **kw)
     elif model == "cnn":
         m = CNN1d(length, num_classes, norm, **kw)
+    elif model in ("lstm", "gru"):
+        m = RNN(length, num_classes, norm, cell=model)
     else:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     if init_scale != 1.0:
@@ -125,4 +165,4 @@ def count_parameters(m: nn.Module) -> int:
 
 
 __all__ = ["ALL_NORMS", "NORM_LABELS", "MODELS", "available_norms", "make_norm", "build_model",
-           "MLP", "CNN1d", "count_parameters"]
+           "MLP", "CNN1d", "RNN", "RNN_NORMS", "count_parameters"]

@@ -57,7 +57,10 @@ def estimated_cost(config: dict, n_train: int) -> float:
     """Estimated milliseconds of one CPU core, for scheduling and the progress bar (fitted to
     measured runs on a 2-core AMD EPYC under load; only the relative sizes matter for the ETA)."""
     b = config["batch_size"]
-    per_step = 2.3 * ((1.8 + 0.02 * b) if config["model"] == "cnn" else (1.0 + 0.006 * b))
+    if config["model"] in ("lstm", "gru"):
+        per_step = 2.3 * ((2.5 if config["norm"] == "none" else 5.0) + 0.03 * b)
+    else:
+        per_step = 2.3 * ((1.8 + 0.02 * b) if config["model"] == "cnn" else (1.0 + 0.006 * b))
     if config["norm"] in ("gn", "in", "ghost", "brn"):
         per_step *= 1.25
     return config["epochs"] * steps_per_epoch(n_train, b) * per_step + 50.0
