@@ -86,10 +86,11 @@ def small_blocks(monkeypatch):
     """Tiny blocks and grids: looped rows, several planes/row tiles/column blocks per kernel,
     several programs of the persistent grids (with an uneven last one)."""
     for name, value in (("ROW_BLOCK_MAX", 8), ("ROW_LOOP_BLOCK", 8), ("PLANE_BLOCK_R", 2),
-                        ("PLANE_BLOCK_S", 8), ("COL_BLOCK_M", 4), ("COL_BLOCK_K", 4),
-                        ("APPLY_BLOCK_R", 4), ("APPLY_BLOCK_C", 8)):
+                        ("PLANE_BLOCK_S", 8), ("PLANE_TILE", 16), ("COL_BLOCK_M", 4),
+                        ("COL_BLOCK_K", 4), ("APPLY_BLOCK_R", 4), ("APPLY_BLOCK_C", 8),
+                        ("APPLY_TILE", 32)):
         monkeypatch.setattr(T, name, value)
-    monkeypatch.setattr(T, "programs", lambda work, device: max(1, min(work, 3)))
+    monkeypatch.setattr(T, "programs", lambda work, device: max(1, min(work, 12)))
 
 
 @pytest.fixture(params=[False, True], ids=["onepass", "looped"])

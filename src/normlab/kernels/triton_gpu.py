@@ -34,8 +34,8 @@ Statistics returned by the forward functions (``mean``, ``var``, ``rstd``) are f
 otherwise; ``dweight``/``dbias`` have the weight's dtype (x's when there is no weight).
 
 Block sizes and the persistent grid size are module attributes (``ROW_BLOCK_MAX``,
-``ROW_LOOP_BLOCK``, ``PLANE_BLOCK_R``, ``PLANE_BLOCK_S``, ``COL_BLOCK_M``, ``COL_BLOCK_K``,
-``APPLY_BLOCK_R``, ``APPLY_BLOCK_C``, ``programs``): tests shrink them to force the looped and
+``ROW_LOOP_BLOCK``, ``PLANE_BLOCK_R``, ``PLANE_BLOCK_S``, ``PLANE_TILE``, ``COL_BLOCK_M``,
+``COL_BLOCK_K``, ``APPLY_BLOCK_R``, ``APPLY_BLOCK_C``, ``APPLY_TILE``, ``programs``): tests shrink them to force the looped and
 multi-program paths on small shapes.
 
 Running on CPU tensors needs the Triton interpreter: ``TRITON_INTERPRET=1`` in the environment
@@ -75,15 +75,19 @@ INTERPRET = _env_interpret()
 ROW_BLOCK_MAX = 16384
 #: LayerNorm/RMSNorm: block of the looped kernel for longer rows
 ROW_LOOP_BLOCK = 4096
-#: channels-first statistics: planes per program, plane values per block
+#: channels-first statistics: at least PLANE_BLOCK_R planes per program, blocks of up to
+#: PLANE_BLOCK_S plane values, PLANE_TILE values per tile (short planes: more planes per tile)
 PLANE_BLOCK_R = 4
 PLANE_BLOCK_S = 1024
-#: channels-last statistics: rows per tile, columns (channels) per program
+PLANE_TILE = 4096
+#: channels-last statistics: rows per tile, up to COL_BLOCK_K columns (channels) per program
 COL_BLOCK_M = 32
 COL_BLOCK_K = 64
-#: elementwise apply: tile
+#: elementwise apply: tiles of at least APPLY_BLOCK_R rows by up to APPLY_BLOCK_C columns,
+#: APPLY_TILE values (narrow rows: more rows per tile)
 APPLY_BLOCK_R = 16
 APPLY_BLOCK_C = 128
+APPLY_TILE = 2048
 
 _F16 = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -796,43 +800,50 @@ def _moments_nc(lay, acc_dt):
         R = N * C
         mean = torch.empty(R, dtype=acc_dt, device=dev)
         m2 = torch.empty(R, dtype=acc_dt, device=dev)
+        bs, br = _plane_blocks(S)
         with _launch_env():
-            _plane_moments[(triton.cdiv(R, PLANE_BLOCK_R),)](
-                x, mean, m2, R, S, BLOCK_R=PLANE_BLOCK_R, BLOCK_S=PLANE_BLOCK_S, ACC=_acc(x.dtype))
+            _plane_moments[(triton.cdiv(R, br),)](x, mean, m2, R, S, BLOCK_R=br, BLOCK_S=bs,
+                                                  ACC=_acc(x.dtype))
         return mean.view(N, C), m2.view(N, C), S
     # channels-last: slabs of (S, C), partial moments over runs of rows
-    P = programs(triton.cdiv(S, COL_BLOCK_M), dev)
-    per = triton.cdiv(S, P)
-    P = triton.cdiv(S, per)
-    mean_p = torch.empty((N, P, C), dtype=acc_dt, device=dev)
-    m2_p = torch.empty((N, P, C), dtype=acc_dt, device=dev)
+    return _col_moments_merged(x, N, S, C, acc_dt)
+
+
+def _plane_blocks(S: int):
+    bs = min(PLANE_BLOCK_S, triton.next_power_of_2(max(S, 1)))
+    return bs, max(PLANE_BLOCK_R, PLANE_TILE // bs)
+
+
+def _col_split(B: int, M: int, K: int, dev):
+    """``(P, per, kb, bk)``: P programs per slab and column block over runs of ``per`` rows
+    (a multiple of COL_BLOCK_M), kb column blocks of bk columns; about ``programs()`` in all."""
+    bk = min(COL_BLOCK_K, triton.next_power_of_2(max(K, 1)))
+    kb = triton.cdiv(K, bk)
+    row_blocks = triton.cdiv(M, COL_BLOCK_M)
+    P = max(1, min(row_blocks, programs(B * kb * row_blocks, dev) // (B * kb)))
+    per = triton.cdiv(triton.cdiv(M, P), COL_BLOCK_M) * COL_BLOCK_M
+    return triton.cdiv(M, per), per, kb, bk
+
+
+def _col_moments_merged(x, B, M, C, acc_dt):
+    """Per-(slab, column) moments of a (B, M, C) array: ``(mean, m2)`` (B, C) and M."""
+    dev = x.device
+    P, per, kb, bk = _col_split(B, M, C, dev)
+    mean_p = torch.empty((B, P, C), dtype=acc_dt, device=dev)
+    m2_p = torch.empty((B, P, C), dtype=acc_dt, device=dev)
     with _launch_env():
-        _col_moments[(N, P, triton.cdiv(C, COL_BLOCK_K))](
-            x, mean_p, m2_p, S, C, per, P, BLOCK_M=COL_BLOCK_M, BLOCK_K=COL_BLOCK_K,
-            ACC=_acc(x.dtype))
-    counts = torch.tensor([min(per, S - p * per) for p in range(P)], dtype=acc_dt, device=dev)
+        _col_moments[(B, P, kb)](x, mean_p, m2_p, M, C, per, P, BLOCK_M=COL_BLOCK_M,
+                                 BLOCK_K=bk, ACC=_acc(x.dtype))
+    if P == 1:
+        return mean_p[:, 0], m2_p[:, 0], M
+    counts = torch.tensor([min(per, M - p * per) for p in range(P)], dtype=acc_dt, device=dev)
     mean, m2, _ = _merge(mean_p, m2_p, counts.view(1, P, 1), 1)
-    return mean, m2, S
+    return mean, m2, M
 
 
 def _moments_channel_last_flat(lay, acc_dt):
-    """BatchNorm channels-last: (N * S, C) as one slab: per-channel (mean, m2), count."""
-    x, C = lay.x, lay.C
-    M = lay.N * lay.S
-    dev = x.device
-    P = programs(triton.cdiv(M, COL_BLOCK_M) * triton.cdiv(C, COL_BLOCK_K), dev)
-    P = max(1, min(P, triton.cdiv(M, COL_BLOCK_M)))
-    per = triton.cdiv(M, P)
-    P = triton.cdiv(M, per)
-    mean_p = torch.empty((1, P, C), dtype=acc_dt, device=dev)
-    m2_p = torch.empty((1, P, C), dtype=acc_dt, device=dev)
-    with _launch_env():
-        _col_moments[(1, P, triton.cdiv(C, COL_BLOCK_K))](
-            x, mean_p, m2_p, M, C, per, P, BLOCK_M=COL_BLOCK_M, BLOCK_K=COL_BLOCK_K,
-            ACC=_acc(x.dtype))
-    counts = torch.tensor([min(per, M - p * per) for p in range(P)], dtype=acc_dt, device=dev)
-    mean, m2, _ = _merge(mean_p, m2_p, counts.view(1, P, 1), 1)
-    return mean, m2, M           # (1, C)
+    """BatchNorm channels-last: (N * S, C) as one slab: per-channel (mean, m2) (1, C), count."""
+    return _col_moments_merged(lay.x, 1, lay.N * lay.S, lay.C, acc_dt)
 
 
 def _sums_nc(lay, dy, mu_nc, flat):
@@ -844,22 +855,18 @@ def _sums_nc(lay, dy, mu_nc, flat):
         R = N * C
         mu = mu_nc.expand(N, C).contiguous().view(R)
         out = [torch.empty(R, dtype=acc_dt, device=dev) for _ in range(3)]
+        bs, br = _plane_blocks(S)
         with _launch_env():
-            _plane_sums[(triton.cdiv(R, PLANE_BLOCK_R),)](
-                dy, x, mu, *out, R, S, BLOCK_R=PLANE_BLOCK_R, BLOCK_S=PLANE_BLOCK_S,
-                ACC=_acc(x.dtype))
+            _plane_sums[(triton.cdiv(R, br),)](dy, x, mu, *out, R, S, BLOCK_R=br, BLOCK_S=bs,
+                                               ACC=_acc(x.dtype))
         return [o.view(N, C) for o in out]
     B, M = (1, N * S) if flat else (N, S)
     mu = mu_nc.expand(B, C).contiguous()
-    P = programs(triton.cdiv(M, COL_BLOCK_M) * (triton.cdiv(C, COL_BLOCK_K) if flat else 1), dev)
-    P = max(1, min(P, triton.cdiv(M, COL_BLOCK_M)))
-    per = triton.cdiv(M, P)
-    P = triton.cdiv(M, per)
+    P, per, kb, bk = _col_split(B, M, C, dev)
     out = [torch.empty((B, P, C), dtype=acc_dt, device=dev) for _ in range(3)]
     with _launch_env():
-        _col_sums[(B, P, triton.cdiv(C, COL_BLOCK_K))](
-            dy, x, mu, *out, M, C, per, P, BLOCK_M=COL_BLOCK_M, BLOCK_K=COL_BLOCK_K,
-            ACC=_acc(x.dtype))
+        _col_sums[(B, P, kb)](dy, x, mu, *out, M, C, per, P, BLOCK_M=COL_BLOCK_M, BLOCK_K=bk,
+                              ACC=_acc(x.dtype))
     return [o.sum(1) for o in out]
 
 
@@ -867,13 +874,15 @@ def _apply_launch(lay, out, mu, a, d, c0, ns, dy=None, has_x=True):
     """Run ``_apply`` with (B', C) coefficient tensors (B' = 1 with ns = 0, or N with ns = C)."""
     x, N, C, S = lay.x, lay.N, lay.C, lay.S
     ROWS, COLS = (N * S, C) if lay.cl else (N * C, S)
+    bc = min(APPLY_BLOCK_C, triton.next_power_of_2(max(COLS, 1)))
+    br = max(APPLY_BLOCK_R, APPLY_TILE // bc)
     z = c0
     with _launch_env():
-        _apply[(triton.cdiv(ROWS, APPLY_BLOCK_R), triton.cdiv(COLS, APPLY_BLOCK_C))](
+        _apply[(triton.cdiv(ROWS, br), triton.cdiv(COLS, bc))](
             x, x if dy is None else dy, out, z if mu is None else mu.contiguous(),
             z if a is None else a.contiguous(), z if d is None else d.contiguous(),
             c0.contiguous(), ROWS, COLS, C, S, ns, HAS_X=has_x, HAS_DY=dy is not None,
-            CL=lay.cl, BLOCK_R=APPLY_BLOCK_R, BLOCK_C=APPLY_BLOCK_C, ACC=_acc(x.dtype))
+            CL=lay.cl, BLOCK_R=br, BLOCK_C=bc, ACC=_acc(x.dtype))
 
 
 def _vec(v, C, x, name, fill, acc_dt):
