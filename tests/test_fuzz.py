@@ -620,3 +620,60 @@ def test_batch_normalizer_vs_reference(seed, n, f, batches, momentum, eps, loc, 
     compare({"y": out}, {"y": y}, {"dtype": dtype})
     back = est.inverse_transform(out)
     compare({"x": back}, {"x": _f64(xt)}, {"dtype": "float32"})
+
+
+# ---------------------------------------------------------------------- regressions
+# Found by the long profile (BatchRenorm) and by extending its float32 offset cases to
+# SyncBatchNorm's multi-rank path: statistics computed outside the fused kernels in float32.
+
+
+@pytest.mark.parametrize("loc", [1e3, 1e4])
+def test_batch_renorm_module_float32_large_offset(loc):
+    """r and d from float32 statistics were off by half an ulp of the mean over sigma (8.5e-5
+    normwise at mean/std = 1e4); they are now accumulated in float64 on CPU."""
+    c = dict(method="batch_norm", dtype="float32", affine=False, bias=False, eps=1e-5,
+             training=True, seed=0, loc=loc, scale=0.1 if loc == 1e3 else 1.0, momentum=0.1,
+             nbt0=0, shape=(2, 2))
+    for shape in [(2, 2), (8, 3, 5)]:
+        c["shape"] = shape
+        x, dy, _, _, rm, rv = make_data(c)
+        mod = N.BatchRenorm1d(shape[1], r_max=3.0, d_max=5.0, affine=False)
+        _set_params(mod, None, None, rm, rv, 0)
+        y, cache = R.batch_renorm_forward(_f64(x), _f64(rm), _f64(rv), r_max=3.0, d_max=5.0,
+                                          eps=1e-5)
+        dx = R.batch_renorm_backward(_f64(dy), cache)[0]
+        want = dict(y=y, dx=dx, _floor={"dx": dx_scale(cache["rstd"], _f64(dy), None, cache["r"])})
+        compare(_module_outputs(mod.train(), c, x, dy), want, c, keys=("y", "dx"))
+
+
+def _fake_two_ranks(monkeypatch):
+    """Two ranks holding the same batch: the global batch is it twice (same mean and var)."""
+    import normlab.nn.sync_batch_norm as sbn
+
+    monkeypatch.setattr(sbn, "_group_size", lambda pg: 2)
+
+    def all_gather(out, local, group=None):
+        for o in out:
+            o.copy_(local)
+
+    monkeypatch.setattr(sbn.dist, "all_gather", all_gather)
+    monkeypatch.setattr(sbn.dist, "all_reduce", lambda t, group=None: t.mul_(2))
+
+
+@pytest.mark.parametrize("loc,scale", [(1e3, 0.1), (1e4, 1.0), (1e5, 1.0)])
+def test_sync_batch_norm_ranks_float32_large_offset(monkeypatch, loc, scale):
+    """The merged float64 mean rounded to float32 cost up to half an ulp of the mean over sigma
+    (6e-5 normwise at 1e3 / 0.1, 1e-3 at 1e5 / 1); the rounding residual is now folded into
+    the shift, so the multi-rank path is as accurate as single-process batch norm."""
+    _fake_two_ranks(monkeypatch)
+    c = dict(method="batch_norm", dtype="float32", affine=True, bias=True, eps=1e-5,
+             training=True, seed=1, loc=loc, scale=scale, momentum=0.1, nbt0=0, shape=(16, 3, 8))
+    x, dy, w, b, rm, rv = make_data(c)
+    mod = N.SyncBatchNorm(3)
+    _set_params(mod, w, b, rm, rv, 0)
+    got = _module_outputs(mod.train(), c, x, dy)
+    want = reference(c, x, dy, w, b, rm, rv)
+    # the global batch is the local one twice: same statistics, twice the count
+    M = math.prod(c["shape"]) // 3
+    want["running_var"] = (1 - 0.1) * _f64(rv) + 0.1 * _f64(x).var(axis=(0, 2)) * (2 * M) / (2 * M - 1)
+    compare(got, want, c, keys=("y", "dx", "dweight", "dbias", "running_mean", "running_var"))

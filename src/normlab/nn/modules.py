@@ -90,6 +90,19 @@ def _check_dims(module, input):
             f"{tuple(input.shape)} has {input.shape[axis]} channels on axis {axis}; pass an input "
             f"with {module.num_features} channels, or build {name}({input.shape[axis]})")
 
+def _batch_moments(x: torch.Tensor, dims):
+    """``(var, mean)`` over ``dims`` (biased), for statistics computed outside the fused kernels
+    (Batch Renorm's r and d, Ghost BN's and SyncBatchNorm's batch statistics).
+
+    On CPU they accumulate in float64, like the fused kernels: float32 data whose mean is 1e4
+    times its spread keeps full float32 accuracy (a float32 mean would be off by half an ulp of
+    the offset, i.e. 3e-4 of the spread at 1e4: a relative error of that size in Batch Renorm's
+    d). On other devices: in at least float32 (float64 is slow on most GPUs).
+    """
+    acc = torch.float64 if x.device.type == "cpu" else torch.promote_types(x.dtype, torch.float32)
+    return torch.var_mean(x.detach().to(acc), dim=dims, correction=0)
+
+
 class _Checkpoint:
     """Checkpoint loading shared by every normlab.nn normalization module (a mixin, first base).
 

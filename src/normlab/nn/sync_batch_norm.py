@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import functional as F
-from .modules import _Checkpoint
+from .modules import _batch_moments, _Checkpoint
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -64,7 +64,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dims = [0] + list(range(2, x.ndim))
         n_local = x.numel() // C if C else 0
         if n_local:
-            var_l, mean_l = torch.var_mean(x, dim=dims, correction=0)
+            var_l, mean_l = _batch_moments(x, dims)     # float64 on CPU
             local = torch.cat([torch.full((1,), float(n_local), dtype=torch.float64),
                                mean_l.double(), var_l.double() * n_local])
         else:   # an empty rank: the neutral element of the merge, it still takes part
@@ -89,23 +89,33 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         var = m2 / N
         rstd = torch.rsqrt(var + eps)
         shape = (1, C) + (1,) * (x.ndim - 2)
-        mean_x, rstd_x = mean.to(x.dtype).view(shape), rstd.to(x.dtype).view(shape)
+        mean_c = mean.to(x.dtype)                                 # (C,) rounded to x's dtype
+        # x - mean = (x - mean_c) - (mean - mean_c): the second part, under half an ulp of the
+        # mean, is a per-channel constant folded into the shift of xhat (and so into the bias),
+        # so float32 data whose mean is far larger than its spread keeps float32 accuracy
+        shift = (mean - mean_c.double()) * rstd                   # (C,) float64
+        mean_x, rstd_x = mean_c.view(shape), rstd.to(x.dtype).view(shape)
+        shift_x = shift.to(x.dtype).view(shape)
         if x.numel():   # the given-statistics path of batch norm: the fused eval kernel on CPU
-            y = F._normalize_given(x, mean.to(x.dtype), var.to(x.dtype), weight, bias, eps)
+            pdtype = next((p.dtype for p in (bias, weight) if p is not None), x.dtype)
+            b_eff = -shift if weight is None else -shift * weight.detach().double()
+            if bias is not None:
+                b_eff = b_eff + bias.detach().double()
+            y = F._normalize_given(x, mean_c, var.to(x.dtype), weight, b_eff.to(pdtype), eps)
         else:
             y = x.clone()
         stats_out.extend([mean, var, N])
-        ctx.save_for_backward(x, weight, mean_x, rstd_x)
+        ctx.save_for_backward(x, weight, mean_x, rstd_x, shift_x)
         ctx.process_group, ctx.N, ctx.has_bias = process_group, N, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean_x, rstd_x = ctx.saved_tensors
+        x, weight, mean_x, rstd_x, shift_x = ctx.saved_tensors
         C = x.shape[1]
         dims = [0] + list(range(2, x.ndim))
         shape = (1, C) + (1,) * (x.ndim - 2)
-        xhat = (x - mean_x) * rstd_x
+        xhat = (x - mean_x) * rstd_x - shift_x
         if x.numel():
             sum_dy = dy.sum(dims)
             sum_dy_xhat = (dy * xhat).sum(dims)

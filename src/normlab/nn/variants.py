@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _checks
 from ..reference.ghost_batch_norm import virtual_batch_slices
 from . import functional as F
-from .modules import _Checkpoint
+from .modules import _batch_moments, _Checkpoint
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
            "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
@@ -161,14 +161,13 @@ class _BatchRenorm(_Checkpoint, _BatchNorm):
         dims = [0] + list(range(2, input.ndim))
         _checks.check_values_per_channel(input.numel() // C, input.shape, type(self).__name__)
         with torch.no_grad():
-            xf = input.detach().to(torch.promote_types(input.dtype, torch.float32))
-            var_b, mean_b = torch.var_mean(xf, dim=dims, correction=0)                # (C,)
-            rv = self.running_var.to(xf.dtype)
-            rm = self.running_mean.to(xf.dtype)
+            var_b, mean_b = _batch_moments(input, dims)                               # (C,)
+            rv = self.running_var.to(var_b.dtype)
+            rm = self.running_mean.to(var_b.dtype)
             sigma_r = torch.sqrt(rv + self.eps)
             r = torch.clamp(torch.sqrt(var_b + self.eps) / sigma_r, 1.0 / r_max, r_max)
             d = torch.clamp((mean_b - rm) / sigma_r, -d_max, d_max)
-        pdtype = self.weight.dtype if self.weight is not None else xf.dtype
+        pdtype = self.weight.dtype if self.weight is not None else torch.promote_types(input.dtype, torch.float32)
         r, d = r.to(pdtype), d.to(pdtype)
         weight = r if self.weight is None else self.weight * r
         bias = d if self.weight is None else self.weight * d
@@ -264,8 +263,7 @@ class _GhostBatchNorm(_Checkpoint, _BatchNorm):
         if self.training and self.track_running_stats:
             dims = [0] + list(range(2, input.ndim))
             with torch.no_grad():
-                xf = input.detach().to(torch.promote_types(input.dtype, torch.float32))
-                var_b, mean_b = torch.var_mean(xf, dim=dims, correction=0)
+                var_b, mean_b = _batch_moments(input, dims)
             F._update_running(self.running_mean, self.running_var, mean_b, var_b,
                               input.numel() // C, self.momentum, owner=self,
                               num_batches_tracked=self.num_batches_tracked)
