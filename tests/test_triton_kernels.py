@@ -530,3 +530,59 @@ def test_gpu_bench_case_runs_its_parity_check_and_every_mode(case, env, small_bl
     assert len(called) == 2 * len(c.modes)              # ours and eager, every mode
     for mode, r in rec["modes"].items():
         assert r["GBps"] == G.UNITS[mode] * c.nbytes / 1e9 and r["x"] == {"eager": 1.0}
+
+
+@pytest.mark.parametrize("method", ["add_layer_norm", "add_rms_norm"])
+def test_front_end_fused_residual_add(method, env, blocks):
+    """normlab.nn.functional.add_layer_norm / add_rms_norm: one custom op on the Triton backend,
+    gradients of x, residual, weight, bias against the float64 reference."""
+    from normlab.nn import functional as F
+
+    env.setenv("TRITON_INTERPRET", "1")
+    env.setenv(kernels.ENV_VAR, "triton")
+    x, xn = rand((3, 12), BF16, 0, offset=1.0)
+    r, rn = rand((3, 12), BF16, 1)
+    w, wn = param((12,), BF16, 2, 0.5)
+    b, bn = param((12,), BF16, 3, -0.5)
+    leaves = [t.requires_grad_(True) for t in (x, r, w, b)]
+    centered = method == "add_layer_norm"
+    if centered:
+        y, s = F.add_layer_norm(x, r, (12,), w, b)
+    else:
+        y, s = F.add_rms_norm(x, r, (12,), w, 1e-5)
+    assert "normlab_add_norm" in type(y.grad_fn).__name__
+    sn = (x.detach() + r.detach()).double().numpy()          # the sum, rounded to bfloat16
+    close(s, sn, BF16, "sum")
+    if centered:
+        yr, c = R.layer_norm_forward(sn, (12,), wn, bn, eps=1e-5)
+    else:
+        yr, c = R.rms_norm_forward(sn, (12,), wn, eps=1e-5)
+    close(y, yr, BF16, "y")
+    dy, dyn = rand((3, 12), BF16, 4)
+    ds, dsn = rand((3, 12), BF16, 5)
+    grads = torch.autograd.grad((y, s), leaves if centered else leaves[:3], (dy, ds))
+    ref = (R.layer_norm_backward if centered else R.rms_norm_backward)(dyn, c)
+    close(grads[0], ref[0] + dsn, BF16, "dx = d(sum) from y and from the sum")
+    close(grads[1], ref[0] + dsn, BF16, "dresidual")
+    close(grads[2], ref[1], BF16, "dweight")
+    if centered:
+        close(grads[3], ref[2], BF16, "dbias")
+
+
+def test_front_end_fused_residual_add_gradcheck_and_fallback(env):
+    from normlab.nn import functional as F
+
+    env.setenv("TRITON_INTERPRET", "1")
+    env.setenv(kernels.ENV_VAR, "triton")
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(2, 5, generator=g, dtype=F64, requires_grad=True) for _ in range(2))
+    w = (torch.rand(5, generator=g, dtype=F64) + 0.5).requires_grad_(True)
+    b = torch.rand(5, generator=g, dtype=F64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: F.add_layer_norm(*a[:2], (5,), *a[2:]), (x, r, w, b))
+    assert torch.autograd.gradgradcheck(lambda *a: F.add_rms_norm(*a[:2], (5,), a[2], 1e-5)[0],
+                                        (x, r, w))
+    env.delenv(kernels.ENV_VAR)                             # CPU default: an add, then the norm
+    y, s = F.add_layer_norm(x, r, (5,), w, b)
+    assert "add_norm" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (5,), w, b))

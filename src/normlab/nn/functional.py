@@ -29,9 +29,10 @@ import torch
 
 from .. import _checks
 from ..kernels import ENV_VAR, get_backend
-from . import _composite, _fused
+from . import _composite, _fused, _fused_add
 
-__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "add_layer_norm",
+           "add_rms_norm"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -328,3 +329,68 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if _use_fused(input, weight):
         return _fused.rms_norm(input, shape, weight, eps)
     return _composite.rms_norm(input, shape, weight, eps)
+
+
+@torch.compiler.assume_constant_result
+def _registry_picks_triton(device_type: str, dtype_name: str, env: str) -> bool:
+    """Whether the registry resolves to the triton backend (a trace-time constant under
+    torch.compile, as ``_registry_picks_fused``)."""
+    try:
+        return get_backend(None, device=device_type, dtype=dtype_name).name == _fused_add.BACKEND
+    except ValueError:
+        if env.strip():
+            raise
+        return False
+
+
+def _use_fused_add(input, residual, *params) -> bool:
+    """The fused residual-add ops apply where the registry picks the triton backend."""
+    if input.numel() == 0 or residual.dtype != input.dtype:
+        return False
+    dtype_name = str(input.dtype).replace("torch.", "")
+    if not _registry_picks_triton(input.device.type, dtype_name, os.environ.get(ENV_VAR, "")):
+        return False
+    return all(p is None or (p.dtype == input.dtype and p.device == input.device) for p in params)
+
+
+def _check_residual(input, residual, what):
+    _check_input(residual, what)
+    if tuple(residual.shape) != tuple(input.shape):
+        raise ValueError(f"{what}: residual must have the input's shape {tuple(input.shape)}, got "
+                         f"{tuple(residual.shape)}; pass the residual stream of the same tokens")
+
+
+def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``s = input + residual; (layer_norm(s), s)``: the pre-norm transformer residual step, fused
+    into one kernel on the Triton backend (an add and ``layer_norm`` elsewhere)."""
+    _check_input(input, "add_layer_norm")
+    _check_residual(input, residual, "add_layer_norm")
+    shape = _checks.normalized_shape_tuple(normalized_shape)
+    _checks.check_eps(eps)
+    _check_tensors(input, "add_layer_norm", weight=weight, bias=bias, residual=residual)
+    _checks.check_normalized_shape(input, shape, "add_layer_norm")
+    _checks.check_param_shape(weight, shape, "weight")
+    _checks.check_param_shape(bias, shape, "bias")
+    if _use_fused_add(input, residual, weight, bias):
+        y, s, _, _ = _fused_add.add_norm(input, residual, weight, bias, list(shape), float(eps), True)
+        return y, s
+    s = input + residual
+    return layer_norm(s, shape, weight, bias, eps), s
+
+
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
+    """``s = input + residual; (rms_norm(s), s)``, fused on the Triton backend (see add_layer_norm)."""
+    _check_input(input, "add_rms_norm")
+    _check_residual(input, residual, "add_rms_norm")
+    shape = _checks.normalized_shape_tuple(normalized_shape)
+    _check_tensors(input, "add_rms_norm", weight=weight, residual=residual)
+    if eps is None:
+        eps = torch.finfo(input.dtype if input.element_size() >= 4 else torch.float32).eps
+    _checks.check_eps(eps)
+    _checks.check_normalized_shape(input, shape, "add_rms_norm")
+    _checks.check_param_shape(weight, shape, "weight")
+    if _use_fused_add(input, residual, weight):
+        y, s, _, _ = _fused_add.add_norm(input, residual, weight, None, list(shape), float(eps), False)
+        return y, s
+    s = input + residual
+    return rms_norm(s, shape, weight, eps), s
