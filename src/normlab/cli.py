@@ -39,10 +39,17 @@ def info_lines() -> list[str]:
         lines.append(f"backends: unknown (normlab.kernels not importable: {type(e).__name__}: {e})")
     else:
         lines.append("backends:")
+        per_device = {d: available_backends(d) for d in ("cpu", "cuda")}
         for name, b in backends.items():
             state = "available" if b["available"] else f"unavailable ({b['reason']})"
             default = f"; default for {', '.join(b['default_for'])}" if b["default_for"] else ""
-            lines.append(f"  {name:<7} {state}; {b['description']}{default}")
+            where = ""
+            if b["available"] and "*" not in b["devices"]:
+                where = "; runs here on " + ", ".join(
+                    f"{d}: yes" if per_device[d][name]["available"]
+                    else f"{d}: no ({per_device[d][name]['reason']})"
+                    for d in b["devices"] if d in per_device)
+            lines.append(f"  {name:<7} {state}; {b['description']}{default}{where}")
     lines.append(f"NORMLAB_BACKEND={os.environ.get('NORMLAB_BACKEND', '(unset)')}")
     return lines
 
