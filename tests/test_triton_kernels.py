@@ -250,7 +250,7 @@ def test_batch_norm_matches_reference(dtype, training, small_blocks):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_group_norm_matches_reference(dtype, small_blocks):
-    for i, (shape, cl) in enumerate(CHANNEL_CASES[2:]):
+    for i, (shape, cl) in enumerate(CHANNEL_CASES[2:] + [((5, 6), False), ((2, 6, 2, 3, 4), True)]):
         C = shape[1]
         for G in (1, 2, C):
             x, xn, dy, dyn = _channel_inputs(shape, cl, dtype, i + G)
