@@ -586,3 +586,27 @@ def test_front_end_fused_residual_add_gradcheck_and_fallback(env):
     assert "add_norm" not in type(y.grad_fn).__name__
     torch.testing.assert_close(s, x + r)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (5,), w, b))
+
+
+def test_custom_ops_fake_and_real_agree_on_the_triton_backend(env):
+    """torch.library.opcheck: the fake implementations (float32 statistics for bfloat16 input,
+    channels-last outputs) match what the Triton kernels return."""
+    from normlab.nn import _fused, _fused_add
+
+    env.setenv("TRITON_INTERPRET", "1")
+    env.setenv(kernels.ENV_VAR, "triton")
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    bf = dict(dtype=BF16)
+    x = torch.randn(2, 4, 3, 3, **bf).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(4, **bf).requires_grad_(True), torch.rand(4, **bf).requires_grad_(True)
+    x.requires_grad_(True)
+    torch.library.opcheck(_fused.OPS["batch_norm_train"][0], (x, w, b, None, None, [], 1e-5),
+                          test_utils=utils)
+    torch.library.opcheck(_fused.OPS["group_norm"][0], (x, w, b, None, None, [2], 1e-5),
+                          test_utils=utils)
+    xr = torch.randn(3, 8, **bf).requires_grad_(True)
+    wr = torch.rand(8, **bf).requires_grad_(True)
+    torch.library.opcheck(_fused.OPS["layer_norm"][0], (xr, wr, None, None, None, [8], 1e-5),
+                          test_utils=utils)
+    torch.library.opcheck(_fused_add.add_norm, (xr, torch.randn(3, 8, **bf), wr, None, [8], 1e-5,
+                                                True), test_utils=utils)
