@@ -172,9 +172,28 @@ def reference(c, x, dy, w, b, rm, rv, *, use_batch_stats=None):
         y, cache = R.rms_norm_forward(x64, c["normalized_shape"], w64,
                                       eps=resolve_rms_eps(eps, np.dtype(c["dtype"])))
         grads = R.rms_norm_backward(dy64, cache) + (None,)
+    backward = {"batch_norm": R.batch_norm_backward, "instance_norm": R.instance_norm_backward,
+                "group_norm": R.group_norm_backward, "layer_norm": R.layer_norm_backward,
+                "rms_norm": R.rms_norm_backward}[m]
     out["y"], out["dx"], out["dweight"], out["dbias"] = (y,) + tuple(grads[:3])
-    out["_floor"] = {"dx": dx_scale(cache["rstd"], dy64, w64)}
+    out["_floor"] = {"dx": dx_scale(cache["rstd"], dy64, w64), **sum_floors(backward, dy64, cache)}
     return out
+
+
+def sum_floors(backward, dy64, cache) -> dict:
+    """dweight = sum(dy * xhat) and dbias = sum(dy) are sums that may cancel: their error is
+    measured against sum(|dy * xhat|) and sum(|dy|) (the reference backward run on |dy| and
+    |xhat|), the scale of a rounding error of the sum."""
+    def absolute(k):
+        k = dict(k, xhat=np.abs(k["xhat"]))
+        if "caches" in k:
+            k["caches"] = [dict(v, xhat=np.abs(v["xhat"])) for v in k["caches"]]
+        return k
+    if "xhat" not in cache and "caches" in cache:
+        cache = dict(cache, xhat=np.zeros(1))
+    grads = backward(np.abs(dy64), absolute(cache))
+    return {k: float(np.max(g, initial=0.0)) for k, g in zip(("dweight", "dbias"), grads[1:3])
+            if g is not None}
 
 
 def dx_scale(rstd, dy64, w64, r=1.0):
@@ -388,7 +407,8 @@ def test_variant_modules_vs_reference(variant, data):
                                               num_batches_tracked=nbt)
             want = dict(y=y, dx=dx, dweight=dw, dbias=db, running_mean=rmn, running_var=rvn,
                         num_batches_tracked=nbt,
-                        _floor={"dx": dx_scale(cache["rstd"], dy64, w64, cache["r"])})
+                        _floor={"dx": dx_scale(cache["rstd"], dy64, w64, cache["r"]),
+                                **sum_floors(R.batch_renorm_backward, dy64, cache)})
     elif variant == "GhostBatchNorm":
         vbs = data.draw(st.sampled_from([1, 2, 3, 5]), "virtual_batch_size")
         mod = getattr(N, f"GhostBatchNorm{dim}")(C, virtual_batch_size=vbs, eps=eps,
@@ -411,7 +431,8 @@ def test_variant_modules_vs_reference(variant, data):
                                               c["momentum"], num_batches_tracked=nbt)
             want = dict(y=y, dx=dx, dweight=dw, dbias=db, running_mean=rmn, running_var=rvn,
                         num_batches_tracked=nbt,
-                        _floor={"dx": max(dx_scale(k["rstd"], dy64, w64) for k in cache["caches"])})
+                        _floor={"dx": max(dx_scale(k["rstd"], dy64, w64) for k in cache["caches"]),
+                                **sum_floors(R.ghost_batch_norm_backward, dy64, cache)})
     elif variant == "FrozenBatchNorm":
         mod = getattr(N, f"FrozenBatchNorm{dim}")(C, eps=eps, **kw)
         c["affine"] = c["bias"] = True        # buffers, always applied; no parameter gradients
@@ -522,7 +543,8 @@ def test_batch_renorm_layer_vs_reference(data):
                                               r_max=r_max, d_max=d_max, eps=c["eps"])
         dxr, dwr, dbr = R.batch_renorm_backward(_f64(dy), cache)
         want = dict(y=ref_y, dx=dxr, dweight=dwr, dbias=dbr,
-                    _floor={"dx": dx_scale(cache["rstd"], _f64(dy), _f64(w), cache["r"])})
+                    _floor={"dx": dx_scale(cache["rstd"], _f64(dy), _f64(w), cache["r"]),
+                            **sum_floors(R.batch_renorm_backward, _f64(dy), cache)})
     else:
         want = reference(c, x, dy, w, b, rm, rv)
         want.pop("running_mean", None)
