@@ -624,7 +624,8 @@ def test_resolution_order_argument_then_env_then_device_default(clean_env):
     assert get_backend("numba").name == "numba"                # argument beats the env var
     clean_env.setenv(kernels.ENV_VAR, "")
     assert get_backend().name == "numba"                       # empty = unset
-    assert get_backend(device="cuda:0").name == "numpy"        # no default there: fallback
+    cuda_ok = kernels.available_backends("cuda").get("triton", {}).get("available", False)
+    assert get_backend(device="cuda:0").name == ("triton" if cuda_ok else "numpy")  # else fallback
     assert get_backend(dtype=np.float16).name == "numpy"       # numba cannot take float16
     assert get_backend(dtype=torch.float32).name == "numba"
 
