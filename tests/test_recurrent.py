@@ -662,3 +662,243 @@ def test_docs_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
     assert len(blocks) == 1
     exec(compile(blocks[0], "docs/recurrent.md example", "exec"), {})
+
+
+# ----------------------------------------------------------------------------- the fused LN-LSTM path
+
+from normlab.nn import recurrent as _rec  # noqa: E402
+
+
+def _run_both_paths(make_model, make_inputs, loss_fn, dtype):
+    """Forward + backward on the fused path and on the composite torch path, same weights, in
+    ``dtype``; for float32 also the float64 torch path as the reference both are judged by."""
+    runs = [(True, dtype), (False, dtype)] + ([(False, D64)] if dtype != D64 else [])
+    results = []
+    for fused, dt in runs:
+        m = make_model().to(dtype).to(dt)            # the reference starts from the same rounded values
+        args, kwargs, leaves = make_inputs(dt)
+        old = _rec._FUSED
+        _rec._FUSED = fused
+        try:
+            out = m(*args, **kwargs)
+        finally:
+            _rec._FUSED = old
+        loss_fn(out).backward()
+        flat = [out[0].data if isinstance(out[0], torch.nn.utils.rnn.PackedSequence) else out[0]]
+        flat += list(out[1]) if isinstance(out[1], tuple) else [out[1]]
+        grads = [t.grad for t in leaves] + [p.grad for p in m.parameters()]
+        assert all(g is not None for g in grads)
+        labels = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"]
+        labels += [f"grad {n}" for n, _ in m.named_parameters()]
+        results.append(dict(zip(labels, [t.detach() for t in flat] + grads)))
+    return results
+
+
+def _assert_paths_agree(results, dtype):
+    """float64: fused == torch path to 1e-10. float32: both against the float64 reference (same
+    rounded weights and inputs). Every tensor of the fused path within float32 tolerance of the
+    reference, and its relative error, summed over all outputs and gradients, at most 1.5x the
+    torch path's (per tensor the two differ by chance: tensors of 3 values, recurrences)."""
+    if dtype == D64:
+        fused, torch_path = results
+        for k in fused:
+            torch.testing.assert_close(fused[k], torch_path[k], rtol=1e-10, atol=1e-12, msg=k)
+        return
+    fused, torch_path, ref = results
+    tot_f = tot_t = 0.0
+    for k in fused:
+        scale = max(float(ref[k].abs().max()), 1e-3)
+        tot_f += float((fused[k].double() - ref[k]).abs().mean()) / scale
+        tot_t += float((torch_path[k].double() - ref[k]).abs().mean()) / scale
+        torch.testing.assert_close(fused[k], ref[k].to(dtype), rtol=1e-3, atol=1e-5 * max(scale, 1.0), msg=k)
+    assert tot_f <= 1.5 * tot_t, (tot_f, tot_t)
+
+
+FUSED_CASES = [  # hidden, input, layers, bidirectional, batch_first, norm_per_gate, bias
+    (7, 5, 2, True, False, False, True),
+    (5, 3, 1, False, True, True, True),
+    (3, 4, 3, True, True, False, False),
+    (1, 2, 1, False, False, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [D64, torch.float32])
+@pytest.mark.parametrize("H,I,L,bi,bf,per_gate,bias", FUSED_CASES)
+def test_fused_matches_torch_path_padded(dtype, H, I, L, bi, bf, per_gate, bias):
+    """Outputs, final states and every gradient (input, h0, c0, all parameters) of the fused
+    path equal the composite torch path's, variable lengths, odd sizes, float32 and float64."""
+    D = 2 if bi else 1
+    lengths = [6, 2, 5, 1, 6]
+    B, T = len(lengths), 6
+
+    def make_model():
+        return randomize(LayerNormLSTM(I, H, num_layers=L, bidirectional=bi, batch_first=bf,
+                                       norm_per_gate=per_gate, bias=bias).double(), seed=40)
+
+    def make_inputs(dtype):
+        g = torch.Generator().manual_seed(41)
+        x = torch.randn((B, T, I) if bf else (T, B, I), generator=g).to(dtype).requires_grad_()
+        h0 = torch.randn(L * D, B, H, generator=g).to(dtype).requires_grad_()
+        c0 = torch.randn(L * D, B, H, generator=g).to(dtype).requires_grad_()
+        return (x, (h0, c0)), {"lengths": lengths}, (x, h0, c0)
+
+    def loss(out):
+        y, (h, c) = out
+        return y.sin().sum() + (h * h).sum() + c.cos().sum()
+
+    _assert_paths_agree(_run_both_paths(make_model, make_inputs, loss, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [D64, torch.float32])
+def test_fused_matches_torch_path_packed_long_sequence(dtype):
+    """A PackedSequence in, sequences up to 40 steps, 2 bidirectional layers, h0/c0 given."""
+    lengths = torch.tensor([40, 17, 33, 1, 40, 8, 2])
+    T, B, I, H = 40, 7, 6, 9
+
+    def make_model():
+        return randomize(LayerNormLSTM(I, H, num_layers=2, bidirectional=True).double(), scale=0.3, seed=42)
+
+    def make_inputs(dtype):
+        g = torch.Generator().manual_seed(43)
+        x = torch.randn(T, B, I, generator=g).to(dtype).requires_grad_()
+        h0 = torch.randn(4, B, H, generator=g).to(dtype).requires_grad_()
+        c0 = torch.randn(4, B, H, generator=g).to(dtype).requires_grad_()
+        return (pack_padded_sequence(x, lengths, enforce_sorted=False), (h0, c0)), {}, (x, h0, c0)
+
+    def loss(out):
+        y, (h, c) = out
+        return (y.data * torch.linspace(-1, 1, y.data.shape[-1], dtype=y.data.dtype)).sum() + h.sum() - 2 * c.sum()
+
+    _assert_paths_agree(_run_both_paths(make_model, make_inputs, loss, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [D64, torch.float32])
+@pytest.mark.parametrize("per_gate", [False, True])
+def test_fused_cell_matches_torch_path(dtype, per_gate):
+    cell = randomize(LayerNormLSTMCell(5, 6, norm_per_gate=per_gate), seed=44).to(dtype)
+    g = torch.Generator().manual_seed(45)
+    x, h, c = (torch.randn(3, k, generator=g, dtype=D64).to(dtype) for k in (5, 6, 6))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == D64 else dict(rtol=2e-5, atol=2e-6)
+    outs = []
+    for fused in (True, False):
+        _rec._FUSED, old = fused, _rec._FUSED
+        try:
+            xs, hs, cs = (t.clone().requires_grad_() for t in (x, h, c))
+            cell.zero_grad()
+            h1, c1 = cell(xs, (hs, cs))
+            (h1.sum() * 3 + (c1 * c1).sum()).backward()
+            h_u, c_u = cell(x[0], (h[0], c[0]))                # unbatched
+        finally:
+            _rec._FUSED = old
+        outs.append([h1.detach(), c1.detach(), h_u.detach(), c_u.detach(), xs.grad, hs.grad, cs.grad]
+                    + [p.grad.clone() for p in cell.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def _fused_inputs(sizes, H, chunks, bias=True, seed=46):
+    """Arguments of ``_FusedLNLSTM.apply``: gi, h0, c0, W_hh, g_hh, b_hh, g_c, b_c, sizes, eps, chunks."""
+    g = torch.Generator().manual_seed(seed)
+    N, B, G = sum(sizes), sizes[0], 4 * H
+
+    def mk(*shape, scale=1.0, center=0.0):
+        return (center + scale * torch.randn(*shape, generator=g, dtype=D64)).requires_grad_()
+
+    return (mk(N, G), mk(B, H), mk(B, H), mk(G, H, scale=0.5), mk(G, scale=0.3, center=1.0),
+            mk(G, scale=0.3) if bias else None, mk(H, scale=0.3, center=1.0), mk(H, scale=0.3),
+            sizes, 1e-5, chunks)
+
+
+@pytest.mark.parametrize("chunks,bias", [(1, True), (4, True), (1, False)])
+def test_gradcheck_fused_step_function(chunks, bias):
+    """gradcheck (float64) of the fused recurrence itself: gi, h0, c0, W_hh and the four LN
+    parameters, packed variable-length steps (sizes 3, 3, 2, 1)."""
+    args = _fused_inputs([3, 3, 2, 1], 3, chunks, bias)
+    assert torch.autograd.gradcheck(lambda *a: _rec._FusedLNLSTM.apply(*a), args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_fused_function_matches_composite_step_directly():
+    """The fused recurrence vs a loop of the composite step ``_ln_lstm_step`` (float64)."""
+    sizes, H = [4, 4, 3, 1, 1], 5
+    args = _fused_inputs(sizes, H, 1)
+    gi, h0, c0, w, g_hh, b_hh, g_c, b_c = args[:8]
+    out, h_n, c_n = _rec._FusedLNLSTM.apply(*args)
+    p = {"weight_hh": w, "ln_weight_hh": g_hh, "bias_hh": b_hh, "ln_weight_c": g_c, "ln_bias_c": b_c}
+    outs, finals = _rec._scan(lambda gi_t, h, c: list(_rec._ln_lstm_step(gi_t, h, c, p, 1e-5, 1)),
+                              gi.split(sizes, 0), sizes, [h0, c0])
+    torch.testing.assert_close(out, torch.cat(outs, 0), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(h_n, finals[0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(c_n, finals[1], rtol=1e-12, atol=1e-13)
+
+
+def test_fused_path_is_taken_by_default_and_switch_restores_torch_path(monkeypatch):
+    """Default configuration on CPU float32/float64: the numba kernels run and the composite
+    step never does; ``_FUSED = False`` and uncovered configurations use the composite step."""
+    K = _rec._rnn_kernels()
+    assert K is not None
+    calls = {"fwd": 0, "bwd": 0, "composite": 0}
+    real_f, real_b, real_step = K.lnlstm_forward_step, K.lnlstm_backward_step, _rec._ln_lstm_step
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(K, "lnlstm_forward_step", count("fwd", real_f))
+    monkeypatch.setattr(K, "lnlstm_backward_step", count("bwd", real_b))
+    monkeypatch.setattr(_rec, "_ln_lstm_step", count("composite", real_step))
+    for dtype in (torch.float32, D64):
+        m = LayerNormLSTM(3, 4, num_layers=2).to(dtype)
+        m(torch.randn(5, 2, 3, dtype=dtype))[0].sum().backward()
+        LayerNormLSTMCell(3, 4).to(dtype)(torch.randn(2, 3, dtype=dtype))[0].sum().backward()
+    assert calls == {"fwd": 2 * (2 * 5 + 1), "bwd": 2 * (2 * 5 + 1), "composite": 0}
+    calls.update(fwd=0, bwd=0)
+    LayerNormLSTM(3, 4, layer_norm=False)(torch.randn(5, 2, 3))                 # not covered: torch path
+    monkeypatch.setattr(_rec, "_FUSED", False)
+    LayerNormLSTM(3, 4)(torch.randn(5, 2, 3))                                   # switched off
+    assert calls == {"fwd": 0, "bwd": 0, "composite": 10}
+
+
+def test_fused_nonlinearities_match_numpy():
+    """The kernels' own sigmoid / tanh (vectorizable Cephes-style exp and tanh): float64 within
+    3 ulp of NumPy over the whole range, both branches of tanh, signed zeros, inf and NaN;
+    float32 (computed in float64 with a shorter polynomial, rounded once) correctly rounded
+    but for at most 0.01 ulp."""
+    K = _rec._rnn_kernels()
+    import numpy as np
+    rng = np.random.default_rng(47)
+    x = np.concatenate([rng.normal(0, 3, 20000), rng.normal(0, 300, 2000), np.linspace(-700, 700, 20001),
+                        np.linspace(-0.7, 0.7, 20001), rng.normal(0, 1e-9, 100),
+                        [0.0, -0.0, 0.625, -0.625, np.nextafter(0.625, 0), 1e-300, -1e-300]])
+    s, t = np.empty_like(x), np.empty_like(x)
+    K.sigmoid_tanh(x, s, t)
+    e = np.exp(-np.abs(x))
+    s_ref = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    np.testing.assert_allclose(s, s_ref, rtol=6e-16, atol=2.3e-308)   # 0 where the true value is subnormal
+    np.testing.assert_allclose(t, np.tanh(x), rtol=6e-16, atol=0)
+    assert np.signbit(t[x == 0]).tolist() == np.signbit(x[x == 0]).tolist()
+    special = np.array([np.inf, -np.inf, np.nan, -800.0, 800.0])
+    for dt in (np.float64, np.float32):
+        s, t = np.empty(5, dt), np.empty(5, dt)
+        K.sigmoid_tanh(special.astype(dt), s, t)
+        assert s[0] == 1 and s[1] == 0 and np.isnan(s[2]) and s[3] == 0 and s[4] == 1
+        assert t[0] == 1 and t[1] == -1 and np.isnan(t[2]) and t[3] == -1 and t[4] == 1
+    x32 = np.concatenate([rng.normal(0, 3, 200000), np.linspace(-90, 90, 20001)]).astype(np.float32)
+    s32, t32 = np.empty_like(x32), np.empty_like(x32)
+    K.sigmoid_tanh(x32, s32, t32)
+    x64 = x32.astype(np.float64)
+    e = np.exp(-np.abs(x64))
+    for got, exact in ((s32, np.where(x64 >= 0, 1 / (1 + e), e / (1 + e))), (t32, np.tanh(x64))):
+        ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+        assert float(np.max(np.abs(got - exact) / ulp)) <= 0.51
+
+
+def test_fused_path_is_first_order_only():
+    """Double backward through the fused recurrence raises (once_differentiable) rather than
+    returning a wrong second derivative; the torch path (``_FUSED = False``) supports it."""
+    m = LayerNormLSTM(2, 3).double()
+    x = torch.randn(3, 2, 2, dtype=D64, requires_grad=True)
+    (gx,) = torch.autograd.grad(m(x)[0].pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()

@@ -7,10 +7,11 @@ Three tables, each ratio measured in the same run (interleaved samples, median; 
 * **training step**: one SGD step (forward, loss, backward, update) of a small ResNet whose
   norms are normlab's against the same network with torch.nn's norms.
 * **recurrent**: one training step (forward + backward) of a 2-layer ``LayerNormLSTM`` (hidden
-  256, batch 32, 100 steps; 25 with ``--quick``) against the same model written the naive way
-  (``nn.Linear`` projections, ``nn.LayerNorm`` modules and a Python loop over time), each with
-  its per-step normalizations on torch.nn.functional and on normlab.nn.functional (the fused
-  kernels).
+  256, batch 32, 100 steps; 25 with ``--quick``, float32) on its fused path (the numba
+  step kernels of ``kernels._numba_rnn``, the default) and on its composite torch path, against
+  the same model written the naive way (``nn.Linear`` projections, ``nn.LayerNorm`` modules and
+  a Python loop over time, same weights) and torch.nn.LSTM without LayerNorm (the floor); wall
+  and thread CPU time.
 * **tabular**: the NumPy front ends on (M, C) data: ``normlab.layers.BatchNorm.forward`` and
   ``normlab.estimators.BatchNormalizer.fit_transform`` / ``.transform`` against the tutorial
   NumPy code (np.mean, np.var, broadcasting) and scikit-learn's StandardScaler.
@@ -237,43 +238,106 @@ class _NaiveLNLSTM:
         return x
 
 
-def _recurrent(time_many, *, quick, repeat, min_time, log) -> dict:
+def _naive_from(ours, H, layers):
+    """The naive loop with the weights of ``ours`` (a LayerNormLSTM), computing the same model:
+    the Linear biases are 0 and the LN biases carry b_ih / b_hh (LN removes any bias before it)."""
     import torch
     import torch.nn.functional as TF
 
-    import normlab.nn.functional as NF
+    naive = _NaiveLNLSTM(H, H, layers, TF)
+    with torch.no_grad():
+        for k, m in enumerate(naive.layers):
+            for w in ("ih", "hh"):
+                m[w].weight.copy_(getattr(ours, f"weight_{w}_l{k}"))
+                m[w].bias.zero_()
+                m["ln_" + w].weight.copy_(getattr(ours, f"ln_weight_{w}_l{k}"))
+                m["ln_" + w].bias.copy_(getattr(ours, f"bias_{w}_l{k}"))
+            m["ln_c"].weight.copy_(getattr(ours, f"ln_weight_c_l{k}"))
+            m["ln_c"].bias.copy_(getattr(ours, f"ln_bias_c_l{k}"))
+    return naive
+
+
+def _recurrent(time_many, *, quick, repeat, min_time, log) -> dict:
+    """Training step (forward + backward) of a 2-layer LayerNormLSTM: the fused path (default),
+    the composite torch path (``recurrent._FUSED = False``), the naive nn.Linear + nn.LayerNorm
+    loop with the same weights, and torch.nn.LSTM (no LayerNorm: the floor). Each call is timed
+    interleaved with the others, both wall time and this thread's CPU time (``time.thread_time``,
+    which a loaded machine inflates less); medians."""
+    import time
+
+    import torch
+
     from normlab.nn import recurrent
 
-    T, B, H = (25 if quick else 100), 32, 256
+    T, B, H, layers = (25 if quick else 100), 32, 256, 2
     g = torch.Generator().manual_seed(3)
     x = torch.randn(T, B, H, generator=g)
-    ours = recurrent.LayerNormLSTM(H, H, num_layers=2)
-    naive = {"torch": _NaiveLNLSTM(H, H, 2, TF), "normlab": _NaiveLNLSTM(H, H, 2, NF)}
+    torch.manual_seed(3)
+    ours = recurrent.LayerNormLSTM(H, H, num_layers=layers)
+    with torch.no_grad():                      # LN parameters away from 1 / 0, so parity means something
+        for name, p in ours.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    naive = _naive_from(ours, H, layers)
+    lstm = torch.nn.LSTM(H, H, num_layers=layers)
 
-    def step_ours(norm):
-        saved, recurrent._NORM = recurrent._NORM, norm
+    def step_ours(fused):
+        saved, recurrent._FUSED = recurrent._FUSED, fused
         try:
             ours.zero_grad()
-            ours(x)[0].sum().backward()
+            y = ours(x)[0]
+            y.sum().backward()
         finally:
-            recurrent._NORM = saved
+            recurrent._FUSED = saved
+        return y
 
-    def step_naive(model):
-        for p in model.params:
+    def step_naive():
+        for p in naive.params:
             p.grad = None
-        model(x).sum().backward()
+        y = naive(x)
+        y.sum().backward()
+        return y
 
-    fns = {"LayerNormLSTM, torch LN": lambda: step_ours(TF),
-           "LayerNormLSTM, normlab LN": lambda: step_ours(NF),
-           "naive loop, torch LN": lambda: step_naive(naive["torch"]),
-           "naive loop, normlab LN": lambda: step_naive(naive["normlab"])}
-    t = time_many(fns, max(1, repeat - 2) if not quick else 1, min_time)
-    rec = dict(case=f"2-layer LayerNormLSTM, hidden {H}, batch {B}, {T} steps, fwd+bwd",
-               times_s={k: v["median_s"] for k, v in t.items()}, ok=True)
-    T_ = rec["times_s"]
-    rec["speedup"] = T_["naive loop, torch LN"] / min(T_["LayerNormLSTM, torch LN"],
-                                                     T_["LayerNormLSTM, normlab LN"])
-    log(f"  recurrent: naive torch / ours x{rec['speedup']:.2f}")
+    def step_lstm():
+        lstm.zero_grad()
+        lstm(x)[0].sum().backward()
+
+    # parity: the three LayerNorm LSTMs compute the same outputs and weight_hh gradients
+    y_f = step_ours(True)
+    gw_f = ours.weight_hh_l0.grad.clone()
+    y_t = step_ours(False)
+    gw_t = ours.weight_hh_l0.grad.clone()
+    y_n = step_naive()
+    gw_n = naive.layers[0]["hh"].weight.grad
+    diff = max(float((y_f - y_t).detach().abs().max()), float((y_f - y_n).detach().abs().max()),
+               float((gw_f - gw_t).abs().max() / gw_t.abs().max()),
+               float((gw_f - gw_n).abs().max() / gw_n.abs().max()))
+    fns = {"LayerNormLSTM (fused kernels)": lambda: step_ours(True),
+           "LayerNormLSTM (composite torch path)": lambda: step_ours(False),
+           "naive loop (nn.Linear + nn.LayerNorm)": step_naive,
+           "torch.nn.LSTM (no LayerNorm, floor)": step_lstm}
+    rec = dict(case=f"2-layer LayerNormLSTM, hidden {H}, batch {B}, {T} steps, fwd+bwd, float32",
+               max_abs_diff=diff, ok=diff <= ATOL, threads=torch.get_num_threads())
+    if not rec["ok"]:
+        log(f"  recurrent: MISMATCH {diff:.2e}")
+        return rec
+    reps = 3 if quick else max(3, repeat)
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for fn in fns.values():                    # warm-up (numba compile / load, allocator)
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[k].append(time.thread_time() - c0)
+            wall[k].append(time.perf_counter() - t0)
+    rec["times_s"] = {k: float(np.median(v)) for k, v in wall.items()}
+    rec["thread_times_s"] = {k: float(np.median(v)) for k, v in cpu.items()}
+    naive_k, fused_k = "naive loop (nn.Linear + nn.LayerNorm)", "LayerNormLSTM (fused kernels)"
+    rec["speedup"] = rec["times_s"][naive_k] / rec["times_s"][fused_k]
+    rec["speedup_thread_time"] = rec["thread_times_s"][naive_k] / rec["thread_times_s"][fused_k]
+    log(f"  recurrent: naive / fused x{rec['speedup']:.2f} wall, x{rec['speedup_thread_time']:.2f} thread time")
     return rec
 
 
@@ -297,9 +361,11 @@ def summary_lines(fr: dict) -> list[str]:
         out.append(f"training step, normlab norms vs torch.nn norms: "
                    + (f"x{ts['speedup']:.2f} ({ts['case']})" if ts.get("ok") else "MISMATCH"))
     rr = fr.get("recurrent")
-    if rr:
+    if rr and rr.get("ok"):
         out.append(f"{rr['case']}: " + "; ".join(f"{k} {_ms(v)}" for k, v in rr["times_s"].items())
-                   + f" (naive torch / best of ours x{rr['speedup']:.2f})")
+                   + f" (naive / fused x{rr['speedup']:.2f} wall, x{rr['speedup_thread_time']:.2f} thread time)")
+    elif rr:
+        out.append(f"{rr['case']}: MISMATCH ({rr['max_abs_diff']:.1e})")
     for r in fr["tabular"]:
         if r.get("ok"):
             out.append(f"{r['case']}: " + ", ".join(f"{k} x{v:.1f}" for k, v in r["ratios"].items()))
@@ -320,11 +386,17 @@ def markdown(fr: dict) -> str:
               f"| {ts['case']} | {_ms(ts.get('ours_s'))} | {_ms(ts.get('torch_s'))} | "
               + (f"x{ts['speedup']:.2f}" if ts.get("ok") else "MISMATCH") + " |"]
     rr = fr.get("recurrent")
-    if rr:
-        L += ["", "### Recurrent: one training step", "", f"{rr['case']}:", "",
-              "| implementation | time |", "|---|---|"]
-        L += [f"| {k} | {_ms(v)} |" for k, v in rr["times_s"].items()]
-        L.append(f"\nnaive loop with torch LN / the faster LayerNormLSTM: x{rr['speedup']:.2f}")
+    if rr and rr.get("ok"):
+        L += ["", "### Recurrent: one training step", "",
+              f"{rr['case']}, torch threads {rr['threads']} (medians of interleaved calls; max abs diff "
+              f"of the LayerNorm LSTMs {rr['max_abs_diff']:.1e}):", "",
+              "| implementation | wall time | thread CPU time" + (" (calling thread only)" if rr["threads"] > 1 else "")
+              + " |", "|---|---|---|"]
+        L += [f"| {k} | {_ms(v)} | {_ms(rr['thread_times_s'][k])} |" for k, v in rr["times_s"].items()]
+        L.append(f"\nnaive loop / fused LayerNormLSTM: x{rr['speedup']:.2f} (wall), "
+                 f"x{rr['speedup_thread_time']:.2f} (thread time)")
+    elif rr:
+        L += ["", f"### Recurrent: MISMATCH ({rr['case']}: {rr['max_abs_diff']:.1e})"]
     if fr["tabular"]:
         L += ["", "### NumPy front ends on tabular data", ""]
         for r in fr["tabular"]:

@@ -66,7 +66,17 @@ update any running statistics (slot ``max_steps - 1`` estimates step ``max_steps
 normalized with that step's running statistics and updates nothing; a whole batch of one
 sequence in training raises ``ValueError``, as torch.nn.BatchNorm does.
 
-Everything is differentiable torch code (composite ops; the normalizations are
+The LN-LSTM's recurrence (LayerNormLSTM and LayerNormLSTMCell, CPU, float32/float64, the
+default ``layer_norm=True`` with or without ``norm_per_gate``) runs on a fused path: one
+:class:`torch.autograd.Function` per layer direction and sequence (``_FusedLNLSTM``) whose
+forward calls, per step, ``torch.mm`` for ``W_hh h_{t-1}`` and one numba kernel
+(``normlab.kernels._numba_rnn``) for everything else of the step (the LN of the hidden term,
+the gates, the cell update, the LN of ``c_t``, ``h_t``), and whose backward is the same in
+reverse (one kernel and one ``torch.mm`` per step, ``dW_hh`` one matmul at the end). It
+computes the same function as the composite path up to float rounding (tested); it is
+first-order only. ``_FUSED = False`` switches it off. Everything else -- the input term
+``LN(W_ih x; g_ih) + b_ih`` (all steps at once), the GRU, BNLSTM, CUDA, other dtypes -- is
+differentiable torch code (composite ops; the normalizations are
 ``torch.nn.functional.layer_norm`` / ``batch_norm``, see ``_NORM`` below), so autograd gives the
 gradients.
 """
@@ -77,6 +87,7 @@ import math
 import numbers
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as TF
 from torch import nn
@@ -84,13 +95,15 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _checks
 
-# The per-step normalizations. torch.nn.functional and normlab.nn.functional have the same
-# signatures for layer_norm and batch_norm (and the same running-statistics rule), so this is a
-# one-line switch. torch's is used: a recurrent step normalizes a tiny (active batch, 4H) tensor
-# between two torch matmuls, and interleaving normlab's numba-parallel kernels with torch's
-# OpenMP ops in such a loop measured 10-30x slower on a 2-core machine (the two thread pools
-# spin-wait against each other; OMP_WAIT_POLICY=PASSIVE removes the gap), while single-threaded
-# the two are within noise of each other at these sizes.
+# The normalizations of the composite path. torch.nn.functional and normlab.nn.functional have
+# the same signatures for layer_norm and batch_norm (and the same running-statistics rule), so
+# this is a one-line switch. torch's is used: a recurrent step normalizes a tiny (active batch,
+# 4H) tensor between two torch matmuls, where normlab.nn.functional's per-call overhead
+# (custom-op dispatch and tensor/NumPy glue, ~150-200 us against torch's ~18 us on (32, 1024))
+# dominates, and interleaving its numba-parallel kernels with torch's OpenMP ops in such a loop
+# measured 10-30x slower on a 2-core machine (the thread pools spin-wait against each other).
+# The LN-LSTM's recurrence does not go through here by default: see _FUSED (one serial numba
+# kernel per step for the whole elementwise part, no per-op dispatch at all).
 _NORM = TF
 
 __all__ = ["LayerNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTM", "LayerNormGRU",
@@ -226,6 +239,145 @@ def _bn_lstm_step(gi_raw, h, c, p, bn):
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(bn(c, "c", p["bn_weight_c"], p["bn_bias_c"]))
     return h, c
+
+
+# ----------------------------------------------------------------------------- the fused LN-LSTM path
+
+#: Use the fused numba kernels (``normlab.kernels._numba_rnn``) for the recurrence of
+#: LayerNormLSTM / LayerNormLSTMCell where they apply (CPU, float32/float64, layer_norm=True);
+#: ``False`` runs every configuration on the composite torch path (``_ln_lstm_step``).
+_FUSED = True
+
+_RNN_KERNELS = []          # [module] once imported, [None] if numba is unavailable
+
+
+def _rnn_kernels():
+    if not _RNN_KERNELS:
+        try:
+            from ..kernels import _numba_rnn
+        except Exception:  # numba missing or failing to initialise: the torch path still works
+            _numba_rnn = None
+        _RNN_KERNELS.append(_numba_rnn)
+    return _RNN_KERNELS[0]
+
+
+def _fused_applies(p, ref):
+    """Whether the fused LN-LSTM kernels cover this layer direction / cell."""
+    return (_FUSED and "ln_weight_hh" in p and "ln_weight_c" in p
+            and ref.device.type == "cpu" and ref.dtype in (torch.float32, torch.float64)
+            and all(v.dtype == ref.dtype and v.device.type == "cpu" for v in p.values())
+            and _rnn_kernels() is not None)
+
+
+def _np(t):
+    return t.detach().numpy()
+
+
+class _FusedLNLSTM(torch.autograd.Function):
+    """The recurrence of one LN-LSTM layer direction over a whole packed sequence.
+
+    ``forward(gi, h0, c0, w_hh, w_ln_hh, b_hh, w_ln_c, b_ln_c, sizes, eps, chunks)`` ->
+    ``(out, h_n, c_n)``: ``gi`` (N, 4H) the input terms ``LN(W_ih x; g_ih) + b_ih`` of all steps
+    in packed layout (step ``t`` has ``sizes[t]`` rows, non-increasing), ``h0``, ``c0`` (B, H)
+    in sorted order; ``out`` (N, H) the ``h_t`` of every row, ``h_n``, ``c_n`` (B, H) each
+    sequence's state at its own last step. ``b_hh`` may be None. Per step: one ``torch.mm``
+    into a preallocated buffer, one call of the numba kernel; backward likewise in reverse (the
+    kernel, then ``dh = da @ W_hh`` and ``dW_hh += da^T h_{t-1}``). First-order only
+    (``once_differentiable``): for double backward set ``recurrent._FUSED = False``.
+    """
+
+    @staticmethod
+    def forward(ctx, gi, h0, c0, w_hh, w_ln_hh, b_hh, w_ln_c, b_ln_c, sizes, eps, chunks):
+        K = _rnn_kernels()
+        N, G = gi.shape
+        B, H = h0.shape
+        dt = gi.dtype
+        gi, h0, c0 = gi.contiguous(), h0.contiguous(), c0.contiguous()
+        A = torch.empty(N, G, dtype=dt)
+        ACT = torch.empty(N, G, dtype=dt)
+        C = torch.empty(N, H, dtype=dt)
+        TC = torch.empty(N, H, dtype=dt)
+        OUT = torch.empty(N, H, dtype=dt)
+        STATS = np.empty((N, chunks, 2))
+        CSTATS = np.empty((N, 2))
+        a_np, gi_np, c_np, c0_np = _np(A), _np(gi), _np(C), _np(c0)
+        bh = _np(b_hh.contiguous()) if b_hh is not None else np.zeros(G, dtype=gi_np.dtype)
+        params = (_np(w_ln_hh.contiguous()), bh, _np(w_ln_c.contiguous()), _np(b_ln_c.contiguous()))
+        outs = (STATS, _np(ACT), c_np, CSTATS, _np(TC), _np(OUT))
+        wT, h0d = w_hh.detach().t(), h0.detach()
+        r0 = prev = 0
+        for t, n in enumerate(sizes):
+            hp = h0d[:n] if t == 0 else OUT[prev:prev + n]
+            torch.mm(hp, wT, out=A[r0:r0 + n])
+            K.lnlstm_forward_step(a_np, gi_np, r0, n, c0_np if t == 0 else c_np, 0 if t == 0 else prev,
+                                  *params, chunks, eps, *outs)
+            prev, r0 = r0, r0 + n
+        last = _last_rows(sizes)
+        ctx.sizes, ctx.chunks = sizes, chunks
+        ctx.bufs = (A, STATS, ACT, C, CSTATS, TC)
+        ctx.has_bias = b_hh is not None
+        ctx.save_for_backward(OUT, h0, c0, w_hh, w_ln_hh, w_ln_c)
+        return OUT, OUT[last], C[last]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        K = _rnn_kernels()
+        OUT, h0, c0, w_hh, w_ln_hh, w_ln_c = ctx.saved_tensors
+        A, STATS, ACT, C, CSTATS, TC = ctx.bufs
+        sizes, chunks = ctx.sizes, ctx.chunks
+        N, G = A.shape
+        B, H = h0.shape
+        dt = A.dtype
+        d_out = torch.zeros(N, H, dtype=dt) if d_out is None else d_out.to(dt).contiguous()
+        DH = torch.zeros(B, H, dtype=dt) if d_hn is None else d_hn.to(dt).clone(memory_format=torch.contiguous_format)
+        DC = torch.zeros(B, H, dtype=dt) if d_cn is None else d_cn.to(dt).clone(memory_format=torch.contiguous_format)
+        DZ = torch.empty(N, G, dtype=dt)
+        DA = torch.empty(B, G, dtype=dt)       # one step's rows at a time: stays in cache
+        dw_hh, db_hh, dw_c, db_c = np.zeros(G), np.zeros(G), np.zeros(H), np.zeros(H)
+        W = w_hh.detach()
+        need = ctx.needs_input_grad
+        d_w = torch.zeros(G, H, dtype=dt) if need[3] else None
+        dh_np, dc_np, dz_np, da_np = DH.numpy(), DC.numpy(), DZ.numpy(), DA.numpy()
+        fixed = (_np(A), STATS, _np(ACT))
+        c_np, c0_np = _np(C), _np(c0)
+        rest = (CSTATS, _np(TC), _np(w_ln_hh.contiguous()), _np(w_ln_c.contiguous()), chunks, dz_np, da_np,
+                dw_hh, db_hh, dw_c, db_c)
+        dout_np = d_out.numpy()
+        out_d, h0_d = OUT.detach(), h0.detach()
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        for t in range(len(sizes) - 1, -1, -1):
+            r0, n = offsets[t], sizes[t]
+            cp, cp0 = (c0_np, 0) if t == 0 else (c_np, offsets[t - 1])
+            K.lnlstm_backward_step(r0, n, dout_np, dh_np, dc_np, *fixed, cp, cp0, c_np, *rest)
+            da = DA[:n]
+            if d_w is not None:
+                hp = h0_d[:n] if t == 0 else out_d[offsets[t - 1]:offsets[t - 1] + n]
+                d_w.addmm_(da.t(), hp)
+            torch.mm(da, W, out=DH[:n])
+        grads = [DZ if need[0] else None, DH if need[1] else None, DC if need[2] else None, d_w]
+        for k, acc in ((4, dw_hh), (5, db_hh), (6, dw_c), (7, db_c)):
+            grads.append(torch.from_numpy(acc).to(dt) if need[k] and (k != 5 or ctx.has_bias) else None)
+        return tuple(grads) + (None, None, None)
+
+
+def _last_rows(sizes):
+    """Packed row of each (sorted) sequence's last step."""
+    offsets, B = [0], sizes[0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    last = [0] * B
+    for t, n in enumerate(sizes):
+        last[:n] = range(offsets[t], offsets[t] + n)
+    return torch.tensor(last, dtype=torch.long)
+
+
+def _fused_ln_lstm(gi, sizes, h0, c0, p, eps, chunks):
+    """(out (N, H), h_n, c_n) of one layer direction on the fused path."""
+    return _FusedLNLSTM.apply(gi, h0, c0, p["weight_hh"], p["ln_weight_hh"], p.get("bias_hh"),
+                              p["ln_weight_c"], p["ln_bias_c"], list(sizes), float(eps), int(chunks))
 
 
 # ----------------------------------------------------------------------------- packed-layout helpers
@@ -391,7 +543,10 @@ class LayerNormLSTMCell(_LNCellBase):
         x, (h, c), unbatched = _cell_input(self, input, hx, 2)
         p = self._params()
         gi = _ln_input_term(x, p, self.eps, self._chunks)
-        h, c = _ln_lstm_step(gi, h, c, p, self.eps, self._chunks)
+        if _fused_applies(p, gi):
+            h, _, c = _fused_ln_lstm(gi, [gi.shape[0]], h, c, p, self.eps, self._chunks)
+        else:
+            h, c = _ln_lstm_step(gi, h, c, p, self.eps, self._chunks)
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
 
 
@@ -795,6 +950,9 @@ class LayerNormLSTM(_LNRecurrent):
 
     def _run_direction(self, x, sizes, states, p):
         gi = _ln_input_term(x, p, self.eps, self._chunks)      # all steps at once: LN is per row
+        if _fused_applies(p, gi):
+            out, h_n, c_n = _fused_ln_lstm(gi, sizes, states[0], states[1], p, self.eps, self._chunks)
+            return out, [h_n, c_n]
 
         def step(gi_t, h, c):
             return list(_ln_lstm_step(gi_t, h, c, p, self.eps, self._chunks))
