@@ -670,9 +670,9 @@ from normlab.nn import recurrent as _rec  # noqa: E402
 
 
 def _run_both_paths(make_model, make_inputs, loss_fn, dtype):
-    """Forward + backward on the fused path and on the composite torch path, same weights, in
-    ``dtype``; for float32 also the float64 torch path as the reference both are judged by."""
-    runs = [(True, dtype), (False, dtype)] + ([(False, D64)] if dtype != D64 else [])
+    """Forward + backward on the fused path in ``dtype`` and on the composite torch path (in
+    float64 when ``dtype`` is float32: the reference), same weights and inputs."""
+    runs = [(True, dtype), (False, D64)]
     results = []
     for fused, dt in runs:
         m = make_model().to(dtype).to(dt)            # the reference starts from the same rounded values
@@ -695,23 +695,25 @@ def _run_both_paths(make_model, make_inputs, loss_fn, dtype):
 
 
 def _assert_paths_agree(results, dtype):
-    """float64: fused == torch path to 1e-10. float32: both against the float64 reference (same
-    rounded weights and inputs). Every tensor of the fused path within float32 tolerance of the
-    reference, and its relative error, summed over all outputs and gradients, at most 1.5x the
-    torch path's (per tensor the two differ by chance: tensors of 3 values, recurrences)."""
+    """float64: fused == torch path to 1e-10. float32: against the float64 reference (same
+    rounded weights and inputs): every tensor within float32 tolerance, and the mean relative
+    error (mean |error| / max |reference|, averaged over all outputs and gradients) below 1e-5.
+    Measured: fused 1e-7 to 3e-6 in these cases, the composite path 1e-7 to 3e-6 (and 4e-4 at
+    hidden size 1, where LN of one value amplifies its rounding); per tensor the two paths'
+    errors differ by chance up to 4x either way (rounding amplified by the recurrence), so the
+    bound is absolute rather than relative to the composite path's."""
     if dtype == D64:
         fused, torch_path = results
         for k in fused:
             torch.testing.assert_close(fused[k], torch_path[k], rtol=1e-10, atol=1e-12, msg=k)
         return
-    fused, torch_path, ref = results
-    tot_f = tot_t = 0.0
+    fused, ref = results
+    total = 0.0
     for k in fused:
         scale = max(float(ref[k].abs().max()), 1e-3)
-        tot_f += float((fused[k].double() - ref[k]).abs().mean()) / scale
-        tot_t += float((torch_path[k].double() - ref[k]).abs().mean()) / scale
+        total += float((fused[k].double() - ref[k]).abs().mean()) / scale
         torch.testing.assert_close(fused[k], ref[k].to(dtype), rtol=1e-3, atol=1e-5 * max(scale, 1.0), msg=k)
-    assert tot_f <= 1.5 * tot_t, (tot_f, tot_t)
+    assert total / len(fused) <= 1e-5, total / len(fused)
 
 
 FUSED_CASES = [  # hidden, input, layers, bidirectional, batch_first, norm_per_gate, bias

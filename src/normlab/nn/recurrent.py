@@ -223,6 +223,8 @@ def _ln_gru_step(gi, h, p, eps, chunks):
 
 def _ln_input_term(x, p, eps, chunks):
     gi = TF.linear(x, p["weight_ih"])
+    if "ln_weight_ih" in p and chunks == 1:     # b_ih as the LN's own bias: one op, one pass less
+        return _NORM.layer_norm(gi, (gi.shape[-1],), p["ln_weight_ih"], p.get("bias_ih"), eps)
     if "ln_weight_ih" in p:
         gi = _layer_norm(gi, p["ln_weight_ih"], None, eps, chunks)
     if p.get("bias_ih") is not None:
