@@ -82,13 +82,15 @@ def write(out: Path, sections: list[tuple], meta: dict) -> tuple[Path, Path]:
             md.append(f"- note: {note}")
             hs.append(f"<p><i>note:</i> {html.escape(note)}</p>")
         md.append("")
-    md += ["## Notes", ""]
-    hs.append("<h2>Notes</h2><ul>")
     notes = list(meta.get("notes", [])) + [f"{k}: {v}" for k, v in NOT_IN_SCOPE.items()]
-    for note in notes:
-        md.append(f"- {note}")
-        hs.append(f"<li>{html.escape(note)}</li>")
-    hs.append("</ul></body></html>")
+    if notes:
+        md += ["## Notes", ""]
+        hs.append("<h2>Notes</h2><ul>")
+        for note in notes:
+            md.append(f"- {note}")
+            hs.append(f"<li>{html.escape(note)}</li>")
+        hs.append("</ul>")
+    hs.append("</body></html>")
     mdp, htp = out / "report.md", out / "report.html"
     mdp.write_text("\n".join(md) + "\n")
     htp.write_text("\n".join(hs) + "\n")
