@@ -17,7 +17,8 @@ Three tables, each ratio measured in the same run (interleaved samples, median; 
   NumPy code (np.mean, np.var, broadcasting) and scikit-learn's StandardScaler.
 
 Before timing, each pair is checked to compute the same thing (outputs and gradients within
-float32 tolerance); a disagreement is recorded and shown, not timed silently.
+float32 tolerance, relative to the size of tensors larger than 1); a disagreement is recorded
+and shown, not timed silently.
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ def _max_diff(a, b) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
+def _scaled_diff(a, b) -> float:
+    """max |a - b| / max(1, max |b|): an absolute difference for O(1) tensors (outputs, dx),
+    relative to the size of large ones (a BatchNorm dweight sums 10^5 products: torch's float32
+    sum is off by ~3e-3 on a value of ~800, ours by ~4e-5, measured against float64)."""
+    if not a.numel():
+        return 0.0
+    return _max_diff(a, b) / max(1.0, float(b.detach().double().abs().max()))
+
+
 def run_frontends(time_many: Callable, *, quick: bool, repeat: int, min_time: float,
                   log: Callable[[str], None] = print) -> dict:
     """Time the three tables; returns ``{"modules": [...], "train_step": {...}, "tabular": [...]}``."""
@@ -105,8 +115,8 @@ def run_frontends(time_many: Callable, *, quick: bool, repeat: int, min_time: fl
         xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
         yo, yt = ours(xo), theirs(xt)
         yo.backward(dy), yt.backward(dy)
-        err = max(_max_diff(yo, yt), _max_diff(xo.grad, xt.grad),
-                  _max_diff(ours.weight.grad, theirs.weight.grad))
+        err = max(_scaled_diff(yo, yt), _scaled_diff(xo.grad, xt.grad),
+                  _scaled_diff(ours.weight.grad, theirs.weight.grad))
         rec = dict(case=name, max_abs_diff=err, ok=err <= ATOL)
         if rec["ok"]:
             xr = x.clone().requires_grad_()
@@ -388,7 +398,7 @@ def summary_lines(fr: dict) -> list[str]:
 def markdown(fr: dict) -> str:
     L = ["## Front ends", "",
          "### normlab.nn modules vs torch.nn (forward + backward through autograd, training mode)", "",
-         "| case | ours | torch.nn | speedup | max abs diff |", "|---|---|---|---|---|"]
+         "| case | ours | torch.nn | speedup | max diff (scaled) |", "|---|---|---|---|---|"]
     for r in fr["modules"]:
         L.append(f"| {r['case']} | {_ms(r.get('ours_s'))} | {_ms(r.get('torch_s'))} | "
                  + (f"x{r['speedup']:.2f}" if r.get("ok") else "MISMATCH") + f" | {r['max_abs_diff']:.1e} |")
