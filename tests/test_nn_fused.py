@@ -42,8 +42,9 @@ def automatic_backend(monkeypatch):
     monkeypatch.delenv("NORMLAB_BACKEND", raising=False)
 
 
-class _record(TorchDispatchMode):
-    """Records the names of the ``normlab::`` ops dispatched inside the block."""
+class _record_ops(TorchDispatchMode):
+    """Records the names of the ``normlab::`` custom ops dispatched inside the block (a dispatch
+    mode is active, so the ops run instead of the eager fast path)."""
 
     def __init__(self):
         super().__init__()
@@ -53,6 +54,31 @@ class _record(TorchDispatchMode):
         if func.namespace == "normlab":
             self.ops.append(func._opname)
         return func(*args, **(kwargs or {}))
+
+
+class _record:
+    """Records which fused kernels ran inside the block, on either path (the eager fast path
+    or the custom ops): ``<method>`` for a forward, ``<method>_backward`` for a backward.
+    Nothing is recorded when the torch composite runs instead."""
+
+    def __enter__(self):
+        self.ops = []
+        self._saved = _fused._run_forward, _fused._run_backward
+        fwd, bwd = self._saved
+
+        def run_forward(method, *args):
+            self.ops.append(method.name)
+            return fwd(method, *args)
+
+        def run_backward(method, *args):
+            self.ops.append(method.name + "_backward")
+            return bwd(method, *args)
+
+        _fused._run_forward, _fused._run_backward = run_forward, run_backward
+        return self
+
+    def __exit__(self, *exc):
+        _fused._run_forward, _fused._run_backward = self._saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +210,57 @@ def test_fused_path_matches_torch(case, method, shape, layout, opts, dtype, tol)
         torch.testing.assert_close(got, want, rtol=10 * tol, atol=10 * tol, msg=lambda m: f"{k}: {m}")
     if layout in ("cl", "cl3d", "seq") and method != "ln":     # the output keeps x's memory format
         assert y.stride() == x.stride() and dx.stride() == x.stride(), (y.stride(), x.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case, method, shape, layout, opts", CASES, ids=[c[0] for c in CASES])
+def test_eager_path_equals_the_custom_ops(monkeypatch, case, method, shape, layout, opts, dtype):
+    """The eager fast path (the default outside compile and dispatch modes) and the custom ops
+    give bit-identical outputs, gradients and running statistics; each path is the one taken."""
+    def run(eager):
+        monkeypatch.setattr(_fused, "EAGER", eager)
+        g = torch.Generator().manual_seed(len(case))
+        params, call = _make(method, shape, opts, dtype, g)
+        x = _layout(torch.randn(shape, generator=g, dtype=dtype) * 3 + 2, layout)
+        dy = torch.randn(shape, generator=g, dtype=dtype)
+        with _record() as rec, _record_ops() if not eager else _nothing() as ops:
+            y, dx, p = _forward_backward(NF, call, x, params, dy)
+        op = _expected_op(method, opts)
+        assert rec.ops == [op, op + "_backward"], rec.ops
+        if eager:
+            assert type(y.grad_fn).__name__ == f"normlab_{op}Backward"
+        else:
+            assert ops.ops == [op, op + "_backward"], ops.ops
+        grads = {k: (v if k.startswith("running") else v.grad) for k, v in p.items()}
+        return y, dx, grads
+
+    y_e, dx_e, g_e = run(True)
+    y_o, dx_o, g_o = run(False)
+    assert torch.equal(y_e, y_o) and y_e.stride() == y_o.stride()
+    assert torch.equal(dx_e, dx_o) and dx_e.stride() == dx_o.stride()
+    for k in g_e:                    # None: a parameter the method does not take (rms bias)
+        assert (g_e[k] is None and g_o[k] is None) or torch.equal(g_e[k], g_o[k]), k
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_eager_path_without_grad_and_under_a_dispatch_mode():
+    x = torch.randn(4, 6, 5)
+    w = torch.rand(6, requires_grad=True)
+    with torch.no_grad(), _record() as rec:                    # no autograd node at all
+        y = NF.group_norm(x, 3, w)
+    assert rec.ops == ["group_norm"] and y.grad_fn is None
+    with _record_ops() as ops:                                 # a dispatch mode sees the ops
+        y2 = NF.group_norm(x, 3, w)
+        y2.sum().backward()
+    assert ops.ops == ["group_norm", "group_norm_backward"]
+    assert torch.equal(y, y2.detach())
 
 
 def test_statistics_outputs_are_not_differentiable():

@@ -96,8 +96,13 @@ class Backend:
         self.dtypes = entry.dtypes
         self.description = entry.description
         self.impl = impl
-        for fn in FUNCTIONS:
-            setattr(self, fn, getattr(impl, fn))
+
+    def __getattr__(self, name):
+        # the contract's functions, looked up on the implementation at each call (a Backend is
+        # built once per backend and device, and a patched implementation must still be seen)
+        if name in FUNCTIONS:
+            return getattr(self.impl, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def supports(self, dtype) -> bool:
         return _dtype_name(dtype) in self.dtypes
@@ -109,6 +114,15 @@ class Backend:
 _REGISTRY: dict = {}
 _DEVICE_DEFAULTS = {"cpu": "numba"}
 _LOADED: dict = {}          # name -> impl, or the exception its loader raised
+_RESOLVED: dict = {}        # (name, device) -> Backend, built once (cleared by register_backend)
+
+
+def _resolved(name: str, dev: str) -> Backend:
+    impl = _LOADED[name]
+    be = _RESOLVED.get((name, dev))
+    if be is None or be.impl is not impl:          # built anew when the backend was reloaded
+        be = _RESOLVED[(name, dev)] = Backend(_REGISTRY[name], impl, dev)
+    return be
 
 
 def register_backend(name: str, loader: Callable[[], object], *, devices=("cpu",), dtypes=("float32", "float64"),
@@ -116,6 +130,7 @@ def register_backend(name: str, loader: Callable[[], object], *, devices=("cpu",
     """Add (or replace) a backend. ``loader()`` imports and returns the implementation lazily."""
     _REGISTRY[name] = _Entry(name, loader, tuple(devices), tuple(dtypes), description)
     _LOADED.pop(name, None)
+    _RESOLVED.clear()
     for dev in default_for:
         _DEVICE_DEFAULTS[dev] = name
 
@@ -138,7 +153,24 @@ def _device_type(device) -> str:
     return str(device).split(":")[0].strip().lower() if device is not None else "cpu"
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def _dtype_name(dtype) -> Optional[str]:
+    """``"float32"`` for torch.float32, np.float32, "float32"... (memoized: on every call path)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):       # TypeError: an unhashable dtype-like
+        pass
+    name = _dtype_name_uncached(dtype)
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name
+
+
+def _dtype_name_uncached(dtype) -> Optional[str]:
     if dtype is None:
         return None
     s = str(dtype)
@@ -205,11 +237,11 @@ def get_backend(name: Optional[str] = None, *, device="cpu", dtype=None) -> Back
                 + (f" with dtype {dt}" if dt else "") + f": {why}; valid choices here: "
                 + ", ".join(repr(v) for v in valid)
                 + f" (registered: {', '.join(repr(n) for n in _REGISTRY)})")
-        return Backend(_REGISTRY[name], _LOADED[name], dev)
+        return _resolved(name, dev)
     default = _DEVICE_DEFAULTS.get(dev)
     for candidate in ((default,) if default else ()) + (FALLBACK,):
         if _problem(candidate, dev, dt) is None:
-            return Backend(_REGISTRY[candidate], _LOADED[candidate], dev)
+            return _resolved(candidate, dev)
     raise ValueError(f"no backend can run on device {dev!r} with dtype {dt}: "
                      f"{FALLBACK!r} reports: {_problem(FALLBACK, dev, dt)}")
 
