@@ -40,8 +40,9 @@ wanted, ``_run_forward`` is called directly. The dispatcher's cost is larger tha
 kernel's: ``normlab.nn.functional.layer_norm`` forward + backward, one thread, on the 2-core
 development machine measured 315 us through the ops and 255 us eagerly on 8 x 64, 432 and 258 us
 on 32 x 1024 (torch: 28 and 65 us; the rest of the gap is Python glue around the kernels, which
-take a few us on such inputs). Everywhere else the custom ops run, so compiled graphs and dispatch modes see ``normlab::`` ops. The two
-paths give bit-identical results (tested); ``EAGER = False`` forces the ops.
+take a few us on such inputs). Everywhere else the custom ops run, so compiled graphs and
+dispatch modes see ``normlab::`` ops. The two paths give bit-identical results (tested);
+``EAGER = False`` forces the ops.
 
 Double backward: when the backward runs with ``create_graph=True`` (grad mode on), it
 differentiates the method's torch composite (``_composite``) instead of calling the kernel, so
@@ -66,8 +67,9 @@ from torch.utils import _python_dispatch
 
 from . import _composite
 
-__all__ = ["METHODS", "OPS", "EAGER_FUNCTIONS", "EAGER", "BACKEND", "BACKENDS", "DEVICE_BACKENDS", "batch_norm_train", "batch_norm_eval", "instance_norm",
-           "group_norm", "layer_norm", "rms_norm", "channels_last_view"]
+__all__ = ["METHODS", "OPS", "EAGER_FUNCTIONS", "EAGER", "BACKEND", "BACKENDS", "DEVICE_BACKENDS",
+           "batch_norm_train", "batch_norm_eval", "instance_norm", "group_norm", "layer_norm",
+           "rms_norm", "channels_last_view"]
 
 #: the kernel backend the CPU implementations of the ops call
 BACKEND = "numba"
@@ -258,7 +260,8 @@ def _output_like(method: Method, x: Tensor) -> Tensor:
 
 
 def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps):
-    """The forward kernel on x as the kernel reads it: ``(y, mean, var, rstd)`` as the op returns."""
+    """The forward kernel on x as the kernel reads it; ``(y, mean, var, rstd)`` as the op
+    returns them."""
     xk, cl = _kernel_view(method, x)
     y, m, v, r = method.forward(_backend(x), xk, weight, bias, mean, var, list(arg), eps, cl)
     sd = _stat_dtype(x)
@@ -355,9 +358,9 @@ def _define(method: Method):
 
 class _Eager(torch.autograd.Function):
     """The eager fast path: the same kernels and gradients as the custom ops, without the
-    dispatcher's per-call cost (see the module docstring). One subclass per method (``EAGER_FUNCTIONS``), so ``grad_fn`` names the method
-    (``normlab_layer_normBackward``). Taken where nothing can observe the difference: see
-    ``_eager_ok``."""
+    dispatcher's per-call cost (see the module docstring). One subclass per method
+    (``EAGER_FUNCTIONS``), so ``grad_fn`` names the method (``normlab_layer_normBackward``).
+    Taken where nothing can observe the difference: see ``_eager_ok``."""
 
     method: Method
 
@@ -374,7 +377,8 @@ class _Eager(torch.autograd.Function):
         def fused_backward(*args):
             return _run_backward(method, *args)
 
-        return _input_grads(method, ctx, grad_y, ctx.needs_input_grad[:3], fused_backward) + (None,) * 4
+        grads = _input_grads(method, ctx, grad_y, ctx.needs_input_grad[:3], fused_backward)
+        return grads + (None,) * 4             # mean, var, arg, eps
 
 
 EAGER_FUNCTIONS = {name: type(f"normlab_{name}", (_Eager,), {"method": m})
