@@ -341,6 +341,59 @@ def test_results_do_not_depend_on_thread_count():
         np.testing.assert_array_equal(a, b_)
 
 
+@pytest.mark.parametrize("dt", [F32, F64])
+def test_serial_twins_equal_the_parallel_kernels(monkeypatch, dt):
+    """Inputs under SERIAL_BELOW run the serial twins: the same tasks, so bit-identical results.
+    Every kernel of both sets runs here (row and column patterns, per-slab and chunked column
+    schedules, training and given statistics, forward and backward)."""
+    rng = np.random.default_rng(3)
+    cases = [((64, 40, 9), True), ((5, 7, 40), False), ((3, 6, 5, 7), False), ((10, 6, 5, 7), True),
+             ((300, 33), False)]
+    ran = set()
+    for ks in (NB._k.SERIAL_KERNELS, NB._k.PARALLEL_KERNELS):
+        for name in NB._k.KERNEL_NAMES:
+            def spy(*args, real=getattr(ks, name), tag=(ks.kind, name)):
+                ran.add(tag)
+                return real(*args)
+
+            monkeypatch.setattr(ks, name, spy)
+
+    def run():
+        out = []
+        for shape, cl in cases:
+            x = (rng.standard_normal(shape) * 3 + 5).astype(dt)
+            dy = rng.standard_normal(shape).astype(dt)
+            C = shape[-1] if cl else shape[1]
+            w, b = rng.standard_normal(C).astype(dt), rng.standard_normal(C).astype(dt)
+            y, m, v, r = NB.batch_norm_forward(x, w, b, EPS, channels_last=cl)
+            out += [y, m, v, r, *NB.batch_norm_backward(dy, x, w, m, r, channels_last=cl)]
+            out += [NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=m, var=v)[0],
+                    *NB.batch_norm_backward(dy, x, w, m, r, channels_last=cl, training=False)]
+            if len(shape) >= 3:
+                y, m, r = NB.group_norm_forward(x, 1, w, b, EPS, channels_last=cl)
+                out += [y, m, r, *NB.group_norm_backward(dy, x, 1, w, m, r, channels_last=cl)]
+                y, m, v, r = NB.instance_norm_forward(x, w, b, EPS, channels_last=cl)
+                out += [y, m, r, *NB.instance_norm_backward(dy, x, w, m, r, channels_last=cl)]
+            L = shape[-1]
+            wl, bl = rng.standard_normal(L).astype(dt), rng.standard_normal(L).astype(dt)
+            y, m, r = NB.layer_norm_forward(x, L, wl, bl, EPS)
+            out += [y, m, r, *NB.layer_norm_backward(dy, x, L, wl, m, r)]
+            y, r = NB.rms_norm_forward(x, L, wl, EPS)
+            out += [y, r, *NB.rms_norm_backward(dy, x, L, wl, r)]
+        return out
+
+    state = rng.bit_generator.state
+    monkeypatch.setattr(NB, "SERIAL_BELOW", 1 << 62)
+    serial = run()
+    rng.bit_generator.state = state
+    monkeypatch.setattr(NB, "SERIAL_BELOW", 0)
+    parallel = run()
+    want = {(kind, n) for kind in ("serial", "parallel") for n in NB._k.KERNEL_NAMES}
+    assert ran == want, sorted(want - ran)           # every kernel of both sets ran
+    for a, b_ in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(a, b_)
+
+
 def _torch_err_bn(x, w, b, dy):
     """Errors of torch's CPU batch norm (y, mean, var, dx) against the float64 reference."""
     xt = torch.from_numpy(x).requires_grad_(True)
@@ -458,17 +511,25 @@ def test_numpy_in_numpy_out_and_outputs_are_fresh():
     assert _arrays.layout(x, False)[0] is x            # contiguous input: used as is
 
 
+def _spy_on_kernel(monkeypatch, name, spy):
+    """Call ``spy(*args)`` before kernel ``name`` runs, in both kernel sets (serial twins for
+    small inputs, parallel kernels for large ones)."""
+    for ks in (NB._k.SERIAL_KERNELS, NB._k.PARALLEL_KERNELS):
+        real = getattr(ks, name)
+
+        def wrapped(*args, real=real):
+            spy(*args)
+            return real(*args)
+
+        monkeypatch.setattr(ks, name, wrapped)
+
+
 def test_torch_tensors_in_torch_tensors_out_without_copying_the_input(monkeypatch):
     xt = torch.from_numpy(data((4, 3, 6, 5), F32)).requires_grad_(True)
     wt = torch.ones(3, requires_grad=True)
     seen = []
-    real = NB._k.row_seg_forward
-
-    def spy(x, *args):
-        seen.append(x.__array_interface__["data"][0])
-        return real(x, *args)
-
-    monkeypatch.setattr(NB._k, "row_seg_forward", spy)
+    _spy_on_kernel(monkeypatch, "row_seg_forward", lambda x, *args: seen.append(
+        x.__array_interface__["data"][0]))
     y, m, v, r = NB.instance_norm_forward(xt, wt, None, EPS)
     assert seen and all(p == xt.data_ptr() for p in seen)
     assert all(isinstance(t, torch.Tensor) for t in (y, m, v, r))
@@ -483,13 +544,8 @@ def test_channels_last_memory_runs_channels_last_kernels_without_a_copy(monkeypa
     x = torch.from_numpy(data((4, 3, 6, 5), F32)).contiguous(memory_format=torch.channels_last)
     assert not x.is_contiguous()
     seen = []
-    real = NB._k.col_forward_chunks
-
-    def spy(xf, *args):
-        seen.append(xf.__array_interface__["data"][0])
-        return real(xf, *args)
-
-    monkeypatch.setattr(NB._k, "col_forward_chunks", spy)
+    _spy_on_kernel(monkeypatch, "col_forward_chunks", lambda xf, *args: seen.append(
+        xf.__array_interface__["data"][0]))
     y, m, v, r = NB.batch_norm_forward(x, None, None, EPS)   # declared channels-first
     assert seen == [x.data_ptr()]
     assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
@@ -599,6 +655,7 @@ def test_numpy_backend_accepts_torch_tensors():
 def clean_env(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})    # get_backend's memo: these tests edit the registry
     return monkeypatch
 
 

@@ -67,13 +67,13 @@ class _record:
         self._saved = _fused._run_forward, _fused._run_backward
         fwd, bwd = self._saved
 
-        def run_forward(method, *args):
+        def run_forward(method, *args, **kwargs):
             self.ops.append(method.name)
-            return fwd(method, *args)
+            return fwd(method, *args, **kwargs)
 
-        def run_backward(method, *args):
+        def run_backward(method, *args, **kwargs):
             self.ops.append(method.name + "_backward")
-            return bwd(method, *args)
+            return bwd(method, *args, **kwargs)
 
         _fused._run_forward, _fused._run_backward = run_forward, run_backward
         return self

@@ -17,6 +17,8 @@ import numpy as np
 
 def check_eps(eps, *, allow_none: bool = False) -> None:
     """eps must be a finite number > 0 (it keeps rsqrt(var + eps) finite for constant data)."""
+    if type(eps) is float and 0.0 < eps < math.inf:      # the common case, checked fast
+        return
     if eps is None and allow_none:
         return
     if isinstance(eps, bool) or not isinstance(eps, Real):
@@ -96,7 +98,7 @@ def check_groups(num_groups: int, num_channels: int) -> None:
 def check_vector(v, length: int, name: str) -> None:
     if v is None:
         return
-    shape = tuple(np.shape(v))
+    shape = v.shape if type(v) is np.ndarray else tuple(np.shape(v))
     if shape != (length,):
         raise ValueError(f"{name} must have shape ({length},) (one value per channel), got shape {shape}")
 
@@ -104,7 +106,7 @@ def check_vector(v, length: int, name: str) -> None:
 def check_param_shape(v, shape: tuple, name: str) -> None:
     if v is None:
         return
-    got = tuple(np.shape(v))
+    got = v.shape if type(v) is np.ndarray else tuple(np.shape(v))
     if got != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got shape {got}")
 
@@ -129,6 +131,11 @@ def check_values_per_channel(count: int, shape, what: str) -> None:
 
 def normalized_shape_tuple(normalized_shape) -> tuple:
     """An int or a sequence of ints, as torch accepts; no silent conversion of "32" or 2.5."""
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1:   # the common case, fast
+        n = normalized_shape[0]
+        if type(n) is int and n > 0:
+            return normalized_shape
+
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 

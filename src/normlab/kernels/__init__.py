@@ -115,6 +115,9 @@ _REGISTRY: dict = {}
 _DEVICE_DEFAULTS = {"cpu": "numba"}
 _LOADED: dict = {}          # name -> impl, or the exception its loader raised
 _RESOLVED: dict = {}        # (name, device) -> Backend, built once (cleared by register_backend)
+#: get_backend's answers per (name, $NORMLAB_BACKEND, device, dtype) as passed, for backends
+#: whose availability cannot change (no ``unavailable`` hook); cleared by register_backend
+_CHOSEN: dict = {}
 
 
 def _resolved(name: str, dev: str) -> Backend:
@@ -131,6 +134,7 @@ def register_backend(name: str, loader: Callable[[], object], *, devices=("cpu",
     _REGISTRY[name] = _Entry(name, loader, tuple(devices), tuple(dtypes), description)
     _LOADED.pop(name, None)
     _RESOLVED.clear()
+    _CHOSEN.clear()
     for dev in default_for:
         _DEVICE_DEFAULTS[dev] = name
 
@@ -220,11 +224,25 @@ def get_backend(name: Optional[str] = None, *, device="cpu", dtype=None) -> Back
     ``dtype`` (optional) is the input dtype the caller will pass; a backend that cannot take
     it is treated as unable to run.
     """
-    dev = _device_type(device)
-    dt = _dtype_name(dtype)
+    env = os.environ.get(ENV_VAR, "") if name is None else None
+    key = (name, env, device, dtype)
+    try:
+        return _CHOSEN[key]
+    except (KeyError, TypeError):           # TypeError: an unhashable device or dtype
+        pass
+    be = _choose(name, env, _device_type(device), _dtype_name(dtype))
+    if getattr(be.impl, "unavailable", None) is None:   # a static answer: remember it
+        try:
+            _CHOSEN[key] = be
+        except TypeError:
+            pass
+    return be
+
+
+def _choose(name: Optional[str], env: Optional[str], dev: str, dt: Optional[str]) -> Backend:
     source = "the name argument"
     if name is None:
-        env = os.environ.get(ENV_VAR, "").strip()
+        env = env.strip()
         if env:
             name, source = env, f"the {ENV_VAR} environment variable"
     if name is not None:

@@ -25,33 +25,41 @@ def _torch():
     return sys.modules.get("torch")
 
 
+_TENSOR = []      # [torch.Tensor] once torch is imported (normlab never imports it here)
+
+
 def is_tensor(a) -> bool:
-    torch = _torch()
-    return torch is not None and isinstance(a, torch.Tensor)
+    if type(a) is np.ndarray:
+        return False
+    if not _TENSOR:
+        torch = _torch()
+        if torch is None:
+            return False
+        _TENSOR.append(torch.Tensor)
+    return isinstance(a, _TENSOR[0])
 
 
 def to_numpy(a, name: str):
     """``a`` as a NumPy array sharing its memory (None stays None)."""
-    if a is None:
-        return None
-    if is_tensor(a):
-        if a.device.type != "cpu":
-            raise ValueError(
-                f"{name} is a tensor on device {a.device}; the CPU kernels need CPU memory: "
-                f"move it with .cpu(), or use get_backend(device={a.device.type!r})")
+    if a is None or type(a) is np.ndarray:
+        return a
+    if not is_tensor(a):
+        return np.asarray(a)
+    if not a.is_cpu:
+        raise ValueError(
+            f"{name} is a tensor on device {a.device}; the CPU kernels need CPU memory: "
+            f"move it with .cpu(), or use get_backend(device={a.device.type!r})")
+    if a.requires_grad:
         a = a.detach()
-        if a.is_conj():
-            a = a.resolve_conj()
-        if a.is_neg():
-            a = a.resolve_neg()
-        try:
-            return a.numpy()
-        except TypeError:
-            raise TypeError(
-                f"{name} has dtype {a.dtype}, which has no NumPy equivalent; the CPU kernels "
-                f"support float32 and float64: cast with .float(), or use the torch backend "
-                f"(normlab.nn) for half precision") from None
-    return np.asarray(a)
+    try:
+        return a.numpy()
+    except RuntimeError:                 # a conjugate or negative view: materialize it
+        return a.resolve_conj().resolve_neg().numpy()
+    except TypeError:
+        raise TypeError(
+            f"{name} has dtype {a.dtype}, which has no NumPy equivalent; the CPU kernels "
+            f"support float32 and float64: cast with .float(), or use the torch backend "
+            f"(normlab.nn) for half precision") from None
 
 
 def from_numpy(a, as_tensor: bool):

@@ -51,6 +51,8 @@ machine code behind in the kernels that inline it.
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
@@ -862,3 +864,40 @@ def col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_su
         bb = task // Tr
         t = task % Tr
         dx_rows(dy, x, dx, bb, t, R, K, rc, m, th, tl, t1, t2, t3, t4, bb * K)
+
+
+# ==============================================================================================
+# Serial twins. Each parallel kernel above is also compiled without ``parallel=True`` (its
+# ``prange`` loops then run as plain loops over the same tasks), for inputs too small to repay
+# a parallel region: starting one costs a few microseconds on an idle machine and far more on a
+# busy one, more than such an input's whole work. The twin runs the very same code over the
+# same task partition, so its results are bit-identical to the parallel kernel's (tested).
+# The twin is a copy of the Python function under another qualified name, so numba's on-disk
+# cache (keyed by qualified name and line) keeps the two compilations apart.
+# ==============================================================================================
+
+class KernelSet:
+    """The top-level kernels of one kind (``PARALLEL_KERNELS`` or ``SERIAL_KERNELS``)."""
+
+    def __init__(self, kind: str, kernels: dict):
+        self.kind = kind
+        self.__dict__.update(kernels)
+
+    def __repr__(self):
+        return f"<{self.kind} numba kernels>"
+
+
+def _serial_twin(kernel):
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__,
+                              f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__doc__ = f"{f.__name__} without parallel=True (see 'Serial twins')."
+    return njit(**SERIAL)(twin)
+
+
+_TOP = (row_elem_forward, row_elem_backward, row_seg_forward, row_seg_backward,
+        col_forward_slabs, col_forward_chunks, col_backward_slabs, col_backward_chunks)
+KERNEL_NAMES = tuple(k.py_func.__name__ for k in _TOP)
+PARALLEL_KERNELS = KernelSet("parallel", dict(zip(KERNEL_NAMES, _TOP)))
+SERIAL_KERNELS = KernelSet("serial", {n: _serial_twin(k) for n, k in zip(KERNEL_NAMES, _TOP)})

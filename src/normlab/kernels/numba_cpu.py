@@ -49,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import threading
 
@@ -81,72 +82,62 @@ COL_WIDE = 256
 COL_PER_SLAB_MIN = 8
 #: BatchNorm on (N, C, *S): planes of at least this many values use the row kernels
 BN_ROW_MIN_INNER = 32
-#: inputs with fewer elements than this run on the calling thread alone. A parallel region
-#: costs a wake-up of the other threads: tens of microseconds on an idle machine, but on a busy
-#: one (or right after torch's own OpenMP pool ran, its threads still spinning) it was measured
-#: at 16-24 ms per region on 2 cores, against 0.1-0.4 ms for the same (16, 32, 16, 16) batch
-#: norm on one thread. torch avoids the same trap with grain sizes. The work partition, and so
-#: every result, does not depend on the thread count.
+#: inputs with fewer elements than this run the serial twins of the kernels (see
+#: ``_numba_kernels``, "Serial twins") on the calling thread. A parallel region costs a wake-up
+#: of the other threads: a few microseconds on an idle machine, but on a busy one (or right
+#: after torch's own OpenMP pool ran, its threads still spinning) it was measured at 16-24 ms
+#: per region on 2 cores, against 0.1-0.4 ms for the same (16, 32, 16, 16) batch norm on one
+#: thread. torch avoids the same trap with grain sizes. The twins run the same tasks, so every
+#: result is the same on either side of this bound (tested).
 SERIAL_BELOW = 1 << 19
 _DUMMY = np.zeros(1)
 _SCRATCH = threading.local()
 
 
-_THREADS = {}     # "get"/"set": numba's thread-count functions, "lock": see below; bound once
+_LOCK = {}        # "lock": the workqueue layer's lock, or None (see _bind_lock); bound once
 _BIND_LOCK = threading.Lock()
 
 
-def _bind_thread_functions():
-    """numba's own unchecked getter/setter (1 us for a get and two sets instead of 4 us through
-    the public API); they exist once the thread pool is launched, which the public call does.
+def _bind_lock():
+    """Thread safety of the parallel kernels.
 
-    Thread safety: numba's thread count is per-thread state (each threading layer keeps it in a
-    thread-local variable), so one thread dropping to 1 thread for a small input does not
-    change the count another thread's kernels see. The "workqueue" threading layer (numba's
-    fallback when neither OpenMP nor TBB is available) is not thread-safe at all: two threads
-    launching parallel kernels at once abort the process. There every kernel call holds one
-    process-wide lock ("lock"), so concurrent callers take turns instead of crashing; with
-    the "omp" and "tbb" layers there is no lock.
+    numba's "workqueue" threading layer (its fallback when neither OpenMP nor TBB is
+    available) is not thread-safe: two threads launching parallel kernels at once abort the
+    process. There every parallel kernel call holds one process-wide lock, so concurrent
+    callers take turns instead of crashing; with the "omp" and "tbb" layers there is no lock.
+    The serial twins start no parallel region and never take the lock.
     """
     with _BIND_LOCK:
-        if _THREADS:
+        if _LOCK:
             return
-        numba.get_num_threads()
-        from numba.np.ufunc import parallel as P
+        numba.get_num_threads()            # launches the thread pool, which sets the layer
+        _LOCK["lock"] = threading.RLock() if numba.threading_layer() == "workqueue" else None
 
-        get = getattr(P, "_get_num_threads", numba.get_num_threads)
-        set_ = getattr(P, "_set_num_threads", numba.set_num_threads)
-        lock = threading.RLock() if numba.threading_layer() == "workqueue" else None
-        # one update, so that a concurrent caller sees all three entries or none
-        _THREADS.update({"get": get, "set": set_, "lock": lock})
+
+def _size(a) -> int:
+    return a.numel() if A.is_tensor(a) else np.size(a)
 
 
 def _grain(fn):
-    """Run ``fn`` on one thread when its first argument (x or dy) is small (SERIAL_BELOW)."""
-
-    def run(first, args, kwargs):
-        n = first.numel() if hasattr(first, "numel") else np.size(first)
-        if n >= SERIAL_BELOW:
-            return fn(first, *args, **kwargs)
-        threads = _THREADS["get"]()      # this thread's count (thread-local in numba)
-        if threads == 1:
-            return fn(first, *args, **kwargs)
-        _THREADS["set"](1)
-        try:
-            return fn(first, *args, **kwargs)
-        finally:
-            _THREADS["set"](threads)
+    """The public kernel function: ``fn(ks, first, ...)`` with ``ks`` the serial twins
+    (``_k.SERIAL_KERNELS``) when the first argument (x or dy) has fewer than ``SERIAL_BELOW``
+    elements, else the parallel kernels (``_k.PARALLEL_KERNELS``, under the workqueue lock
+    where that layer runs)."""
 
     @functools.wraps(fn)
     def wrapper(first, *args, **kwargs):
-        if not _THREADS:
-            _bind_thread_functions()
-        lock = _THREADS["lock"]
+        if _size(first) < SERIAL_BELOW:
+            return fn(_k.SERIAL_KERNELS, first, *args, **kwargs)
+        if not _LOCK:
+            _bind_lock()
+        lock = _LOCK["lock"]
         if lock is None:
-            return run(first, args, kwargs)
+            return fn(_k.PARALLEL_KERNELS, first, *args, **kwargs)
         with lock:
-            return run(first, args, kwargs)
+            return fn(_k.PARALLEL_KERNELS, first, *args, **kwargs)
 
+    sig = inspect.signature(fn)
+    wrapper.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
     return wrapper
 
 
@@ -186,26 +177,26 @@ def _col_params(B: int, R: int, K: int, gs: int, itemsize: int):
     return rc, kt, m, B >= COL_PER_SLAB_MIN
 
 
-def _col_forward(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mean_out, m2_out, rc, kt,
+def _col_forward(ks, x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mean_out, m2_out, rc, kt,
                  m, per_slab):
     """Run the column forward with the per-slab or the chunked schedule (see _numba_kernels)."""
     if per_slab:
-        _k.col_forward_slabs(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
+        ks.col_forward_slabs(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
                              mean_out, m2_out, rc, kt, m)
     else:
         work = _scratch(2 * B * ((R + rc - 1) // rc) * K if mode == _k.TRAIN else 0)
-        _k.col_forward_chunks(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
+        ks.col_forward_chunks(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
                               mean_out, m2_out, rc, kt, m, work)
 
 
-def _col_backward(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk, dbk, rc,
+def _col_backward(ks, dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk, dbk, rc,
                   kt, m, per_slab):
     if per_slab:
-        _k.col_backward_slabs(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
+        ks.col_backward_slabs(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
                               dbk, rc, kt, m)
     else:
         work = _scratch(3 * B * ((R + rc - 1) // rc) * K if need_sums else 0)
-        _k.col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
+        ks.col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sums, dx, dwk,
                                dbk, rc, kt, m, work)
 
 
@@ -223,19 +214,24 @@ class _Call:
         return A.to_numpy(a, name)
 
     def out(self, *arrays):
-        dt = self.dtype
-        res = tuple(None if a is None else A.from_numpy(np.asarray(a, dtype=dt) if a.dtype != dt else a,
-                                                        self.torch)
-                    for a in arrays)
-        return res
+        dt, as_tensor = self.dtype, self.torch
+        res = []
+        for a in arrays:
+            if a is not None:
+                if a.dtype != dt:
+                    a = a.astype(dt)
+                if as_tensor:
+                    a = A.from_numpy(a, True)
+            res.append(a)
+        return tuple(res)
 
 
 def _like(call, a, shape, name):
-    """dy as a C-contiguous array of x's dtype and shape (a float dy of another dtype is cast)."""
+    """dy as an array of x's shape and of a floating dtype (cast to x's by the caller)."""
     a = call.arr(a, name)
-    if tuple(a.shape) != tuple(shape):
+    if a.shape != tuple(shape):
         raise ValueError(f"{name} must have the shape of x {tuple(shape)}, got shape {tuple(a.shape)}")
-    if not np.issubdtype(a.dtype, np.floating):
+    if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     return a
 
@@ -244,11 +240,11 @@ def _stat(call, v, shape, name):
     """A saved statistic as a contiguous float64 array of ``prod(shape)`` values."""
     if v is None:
         raise ValueError(f"{name} is required: pass the {name} returned by the forward call")
-    v = np.asarray(call.arr(v, name), dtype=np.float64)
-    n = int(np.prod(shape, dtype=np.int64))
+    v = call.arr(v, name)
+    n = math.prod(shape)
     if v.size != n:
         raise ValueError(f"{name} must have {n} values (shape {tuple(shape)}), got shape {tuple(v.shape)}")
-    return np.ascontiguousarray(v).reshape(n)
+    return np.ascontiguousarray(v, dtype=np.float64).reshape(n)
 
 
 def _want(flag, weight):
@@ -260,8 +256,7 @@ def _channels(xp, phys_cl):
 
 
 def _spatial(xp, phys_cl):
-    sp = xp.shape[1:-1] if phys_cl else xp.shape[2:]
-    return int(np.prod(sp, dtype=np.int64))
+    return math.prod(xp.shape[1:-1] if phys_cl else xp.shape[2:])
 
 
 def _rstd(var, eps):
@@ -271,7 +266,7 @@ def _rstd(var, eps):
 # --- BatchNorm -------------------------------------------------------------------------------
 
 @_grain
-def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, var=None):
+def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=None, var=None):
     r"""Batch norm forward: ``(y, mean, var, rstd)``, statistics ``(C,)`` in x's dtype.
 
     ``mean``/``var`` None: training (batch mean and biased variance over N and the spatial
@@ -288,17 +283,15 @@ def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, 
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     count = N * inner
-    for name, v in (("weight", weight), ("bias", bias), ("mean", mean), ("var", var)):
-        _checks.check_vector(A.to_numpy(v, name), C, name)
-    w = A.vector_f64(weight, C, "weight", 1.0)
-    b = A.vector_f64(bias, C, "bias", 0.0)
+    w = _vec(call, weight, C, "weight", 1.0)
+    b = _vec(call, bias, C, "bias", 0.0)
     training = mean is None
     if training:
         _checks.check_values_per_channel(count, x.shape, "batch_norm")
     else:
-        mean64 = A.vector_f64(mean, C, "mean", 0.0)
-        var64 = A.vector_f64(var, C, "var", 1.0)
-        if np.any(var64 < 0):
+        mean64 = _vec(call, mean, C, "mean", 0.0)
+        var64 = _vec(call, var, C, "var", 1.0)
+        if var64.min(initial=0.0) < 0:
             raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
         rstd64 = _rstd(var64, eps)
     y = np.empty_like(xp)
@@ -309,25 +302,25 @@ def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, 
             rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
             if training:
                 mean64, m2 = np.empty(C), np.empty(C)
-                _col_forward(xf, 1, R, K, gs, gs, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean64, m2,
+                _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean64, m2,
                              rc, kt, m, per_slab)
                 var64 = m2 / count
                 rstd64 = _rstd(var64, eps)
             else:
-                _col_forward(xf, 1, R, K, gs, gs, w, b, eps, _k.APPLY, mean64, rstd64, yf, _DUMMY,
+                _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.APPLY, mean64, rstd64, yf, _DUMMY,
                              _DUMMY, rc, kt, m, per_slab)
         else:
             R = N * C
             T, per = _row_tasks(R, inner)
             if training:
                 rmean, rm2 = np.empty(R), np.empty(R)
-                _k.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.STATS,
+                ks.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.STATS,
                                      _DUMMY, _DUMMY, yf, rmean, rm2)
                 rmean, rm2 = rmean.reshape(N, C), rm2.reshape(N, C)
                 mean64 = rmean.mean(axis=0)            # equal counts: Chan's merge of N planes
                 var64 = (rm2.sum(axis=0) + inner * ((rmean - mean64) ** 2).sum(axis=0)) / count
                 rstd64 = _rstd(var64, eps)
-            _k.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.APPLY,
+            ks.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.APPLY,
                                  mean64, rstd64, yf, _DUMMY, _DUMMY)
     elif training:
         mean64 = var64 = rstd64 = np.full(C, np.nan)
@@ -335,7 +328,7 @@ def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, 
 
 
 @_grain
-def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, training=True,
+def batch_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False, training=True,
                         need_weight_grad=None, need_bias_grad=None):
     r"""Batch norm backward: ``(dx, dweight, dbias)``.
 
@@ -351,8 +344,7 @@ def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, train
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     count = N * inner
-    _checks.check_vector(A.to_numpy(weight, "weight"), C, "weight")
-    w = A.vector_f64(weight, C, "weight", 1.0)
+    w = _vec(call, weight, C, "weight", 1.0)
     mean64 = _stat(call, mean, (C,), "mean")
     rstd64 = _stat(call, rstd, (C,), "rstd")
     need_w, need_b = _want(need_weight_grad, weight), _want(need_bias_grad, weight)
@@ -366,7 +358,7 @@ def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, train
             rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
             dwk = np.empty(K if sums else 0)
             dbk = np.empty(K if sums else 0)
-            _col_backward(dyf, xf, 1, R, K, gs, gs, w, mean64, rstd64, bool(training), sums, dxf,
+            _col_backward(ks, dyf, xf, 1, R, K, gs, gs, w, mean64, rstd64, bool(training), sums, dxf,
                           dwk, dbk, rc, kt, m, per_slab)
             if sums:
                 dweight = dwk.reshape(C, gs).sum(axis=1)
@@ -377,7 +369,7 @@ def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, train
             mu, mg, mgx = mean64, np.zeros(C), np.zeros(C)
             if sums:
                 sdy, sdyxm, sxm = np.empty(R), np.empty(R), np.empty(R)
-                _k.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mean64, rstd64, _k.SUMS,
+                ks.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mean64, rstd64, _k.SUMS,
                                       _DUMMY, _DUMMY, dxf, sdy, sdyxm, sxm)
                 sdy = sdy.reshape(N, C).sum(axis=0)
                 sdyxm = sdyxm.reshape(N, C).sum(axis=0)
@@ -388,7 +380,7 @@ def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, train
                     mu = mean64 + delta
                     mg = w * sdy / count
                     mgx = w * dweight / count
-            _k.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mu, rstd64, _k.APPLY,
+            ks.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mu, rstd64, _k.APPLY,
                                   mg, mgx, dxf, _DUMMY, _DUMMY, _DUMMY)
     elif need_w or need_b:
         dweight = dbias = np.zeros(C)
@@ -398,40 +390,79 @@ def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, train
 
 # --- LayerNorm / RMSNorm (row, per-element affine) -------------------------------------------
 
+_NO_BIAS = object()      # _row_setup: no bias wanted (backward)
+
+
+def _task_sum(part, T, L):
+    """``part`` holds two blocks of T per-task (L,) partials: their two (L,) sums, as a fresh
+    (2, L) array (``part`` is a reused buffer)."""
+    p = part.reshape(2, T, L)
+    return p[:, 0].copy() if T == 1 else p.sum(axis=1)
+
+
+_FILLED = {}          # (L, dtype, fill) -> constant parameter array (internal, never returned)
+
+
+def _filled(L, dtype, fill):
+    """A (L,) array of ``fill``: the implicit weight/bias of a call without affine. Reused across
+    calls (kernels only read it; it never leaves this module); at most 64 kept."""
+    key = (L, dtype, fill)
+    a = _FILLED.get(key)
+    if a is None:
+        if len(_FILLED) >= 64:
+            _FILLED.clear()
+        a = _FILLED[key] = np.full(L, fill, dtype)
+    return a
+
+
+def _vec(call, v, C, name, fill):
+    """A per-channel vector (weight, bias, given statistics) checked to be (C,), as a contiguous
+    float64 array (``fill`` when None)."""
+    if v is None:
+        return _filled(C, np.float64, fill)
+    v = call.arr(v, name)
+    _checks.check_vector(v, C, name)
+    return np.ascontiguousarray(v, dtype=np.float64).reshape(C)
+
+
+def _row_param(call, v, shape, L, fill, name):
+    """weight/bias as a contiguous (L,) array of x's dtype (``fill`` when None)."""
+    if v is None:
+        return _filled(L, call.dtype, fill)
+    v = call.arr(v, name)
+    _checks.check_param_shape(v, shape, name)
+    return np.ascontiguousarray(v, dtype=call.dtype).reshape(L)
+
+
 def _row_setup(call, normalized_shape, weight, bias, what):
     x = call.x
     shape = _checks.normalized_shape_tuple(normalized_shape)
     _checks.check_normalized_shape(x, shape, what)
-    _checks.check_param_shape(A.to_numpy(weight, "weight"), shape, "weight")
-    _checks.check_param_shape(A.to_numpy(bias, "bias"), shape, "bias")
     L = math.prod(shape)
-    R = x.size // L
     lead = x.shape[:x.ndim - len(shape)]
-    dt = call.dtype
-    w = (np.ones(L, dt) if weight is None
-         else np.ascontiguousarray(call.arr(weight, "weight"), dtype=dt).reshape(L))
-    b = (np.zeros(L, dt) if bias is None
-         else np.ascontiguousarray(call.arr(bias, "bias"), dtype=dt).reshape(L))
+    w = _row_param(call, weight, shape, L, 1.0, "weight")
+    b = None if bias is _NO_BIAS else _row_param(call, bias, shape, L, 0.0, "bias")
+    R = x.size // L
     return np.ascontiguousarray(x), R, L, lead, shape, w, b
 
 
-def _row_forward(x, normalized_shape, weight, bias, eps, centered, what):
+def _row_forward(ks, x, normalized_shape, weight, bias, eps, centered, what):
     call = _Call(x)
     xc, R, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
     y = np.empty_like(xc)
     mean, rstd = np.empty(R), np.empty(R)
     if R:
         T, per = _row_tasks(R, L)
-        _k.row_elem_forward(xc.reshape(-1), R, L, T, per, w, b, float(eps), centered,
+        ks.row_elem_forward(xc.reshape(-1), R, L, T, per, w, b, float(eps), centered,
                               y.reshape(-1), mean, rstd)
     return call, y, mean.reshape(lead), rstd.reshape(lead)
 
 
-def _row_backward(dy, x, normalized_shape, weight, mean, rstd, centered, need_w, need_b, what):
+def _row_backward(ks, dy, x, normalized_shape, weight, mean, rstd, centered, need_w, need_b, what):
     call = _Call(x)
-    xc, R, L, lead, shape, w, _ = _row_setup(call, normalized_shape, weight, None, what)
+    xc, R, L, lead, shape, w, _ = _row_setup(call, normalized_shape, weight, _NO_BIAS, what)
     dyc = np.ascontiguousarray(_like(call, dy, xc.shape, "dy"), dtype=xc.dtype)
-    mean64 = _stat(call, mean, lead, "mean") if centered else np.zeros(R)
+    mean64 = _stat(call, mean, lead, "mean") if centered else _filled(R, np.float64, 0.0)
     rstd64 = _stat(call, rstd, lead, "rstd")
     dx = np.empty_like(xc)
     grads = need_w or need_b
@@ -439,10 +470,13 @@ def _row_backward(dy, x, normalized_shape, weight, mean, rstd, centered, need_w,
     part = _scratch(2 * T * L if grads else 0)          # zeroed by the kernel
     dwp, dbp = part[:T * L], part[T * L:]
     if R:
-        _k.row_elem_backward(dyc.reshape(-1), xc.reshape(-1), R, L, T, per, w, mean64, rstd64,
+        ks.row_elem_backward(dyc.reshape(-1), xc.reshape(-1), R, L, T, per, w, mean64, rstd64,
                                centered, grads, dx.reshape(-1), dwp, dbp)
-    dweight = dwp.reshape(T, L).sum(axis=0).reshape(shape) if need_w else None
-    dbias = dbp.reshape(T, L).sum(axis=0).reshape(shape) if need_b else None
+    dweight = dbias = None
+    if grads:
+        sums = _task_sum(part, T, L)               # (2, L): dweight, dbias
+        dweight = sums[0].reshape(shape) if need_w else None
+        dbias = sums[1].reshape(shape) if need_b else None
     if grads and not R:
         dweight = np.zeros(shape) if need_w else None
         dbias = np.zeros(shape) if need_b else None
@@ -450,81 +484,78 @@ def _row_backward(dy, x, normalized_shape, weight, mean, rstd, centered, need_w,
 
 
 @_grain
-def layer_norm_forward(x, normalized_shape, weight, bias, eps):
+def layer_norm_forward(ks, x, normalized_shape, weight, bias, eps):
     r"""Layer norm over the trailing ``normalized_shape``: ``(y, mean, rstd)``.
 
     ``mean``, ``rstd``: one per row, shape ``x.shape[:-len(normalized_shape)]``, x's dtype.
     weight, bias: ``normalized_shape`` or None.
     """
     _checks.check_eps(eps)
-    call, y, mean, rstd = _row_forward(x, normalized_shape, weight, bias, eps, True, "layer_norm")
+    call, y, mean, rstd = _row_forward(ks, x, normalized_shape, weight, bias, eps, True, "layer_norm")
     return call.out(y, mean, rstd)
 
 
 @_grain
-def layer_norm_backward(dy, x, normalized_shape, weight, mean, rstd, *, need_weight_grad=None,
+def layer_norm_backward(ks, dy, x, normalized_shape, weight, mean, rstd, *, need_weight_grad=None,
                         need_bias_grad=None):
     r"""Layer norm backward: ``(dx, dweight, dbias)`` (dweight/dbias of ``normalized_shape``)."""
-    call, dx, dw, db = _row_backward(dy, x, normalized_shape, weight, mean, rstd, True,
+    call, dx, dw, db = _row_backward(ks, dy, x, normalized_shape, weight, mean, rstd, True,
                                      _want(need_weight_grad, weight), _want(need_bias_grad, weight),
                                      "layer_norm")
     return call.out(dx, dw, db)
 
 
 @_grain
-def rms_norm_forward(x, normalized_shape, weight, eps=None):
+def rms_norm_forward(ks, x, normalized_shape, weight, eps=None):
     r"""RMS norm over the trailing ``normalized_shape``: ``(y, rstd)``.
 
     ``eps=None`` resolves as torch.nn.functional.rms_norm does (see reference.rms_norm.resolve_rms_eps).
     """
     call0 = _Call(x)
     eps = resolve_rms_eps(eps, call0.dtype)
-    call, y, _, rstd = _row_forward(x, normalized_shape, weight, None, eps, False, "rms_norm")
+    call, y, _, rstd = _row_forward(ks, x, normalized_shape, weight, None, eps, False, "rms_norm")
     return call.out(y, rstd)
 
 
 @_grain
-def rms_norm_backward(dy, x, normalized_shape, weight, rstd, *, need_weight_grad=None):
+def rms_norm_backward(ks, dy, x, normalized_shape, weight, rstd, *, need_weight_grad=None):
     r"""RMS norm backward: ``(dx, dweight)``."""
-    call, dx, dw, _ = _row_backward(dy, x, normalized_shape, weight, None, rstd, False,
+    call, dx, dw, _ = _row_backward(ks, dy, x, normalized_shape, weight, None, rstd, False,
                                     _want(need_weight_grad, weight), False, "rms_norm")
     return call.out(dx, dw)
 
 
 # --- GroupNorm / InstanceNorm (row on channels-first, column on channels-last) ---------------
 
-def _grouped_forward(call, x, G, weight, bias, eps, channels_last, what):
+def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, what):
     """Shared by group_norm (G groups) and instance_norm (G = C): ``y, mean, var`` (N, G)."""
     xp, cl, swapped = A.layout(x, channels_last)
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     gs = C // G
-    w = A.vector_f64(weight, C, "weight", 1.0)
-    b = A.vector_f64(bias, C, "bias", 0.0)
     y = np.empty_like(xp)
     mean, m2 = np.empty(N * G), np.empty(N * G)
     if xp.size:
         xf, yf = xp.reshape(-1), y.reshape(-1)
         if cl:
             rc, kt, m, per_slab = _col_params(N, inner, C, gs, xp.itemsize)
-            _col_forward(xf, N, inner, C, gs, 1, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean, m2,
+            _col_forward(ks, xf, N, inner, C, gs, 1, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean, m2,
                          rc, kt, m, per_slab)
         else:
             R = N * G
             T, per = _row_tasks(R, gs * inner)
-            _k.row_seg_forward(xf, R, gs, inner, G, T, per, w, b, float(eps), _k.TRAIN,
+            ks.row_seg_forward(xf, R, gs, inner, G, T, per, w, b, float(eps), _k.TRAIN,
                                  _DUMMY, _DUMMY, yf, mean, m2)
     var = m2 / (gs * inner) if inner * gs else np.full(N * G, np.nan)
     return A.restore(y, channels_last, swapped), mean.reshape(N, G), var.reshape(N, G)
 
 
-def _grouped_backward(call, dy, x, G, weight, mean, rstd, channels_last, need_w, need_b):
+def _grouped_backward(ks, call, dy, x, G, w, mean, rstd, channels_last, need_w, need_b):
     xp, cl, swapped = A.layout(x, channels_last)
     dyp = A.same_layout(dy, cl, channels_last, swapped).astype(xp.dtype, copy=False)
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     gs = C // G
-    w = A.vector_f64(weight, C, "weight", 1.0)
     mean64 = _stat(call, mean, (N, G), "mean")
     rstd64 = _stat(call, rstd, (N, G), "rstd")
     dx = np.empty_like(xp)
@@ -533,12 +564,12 @@ def _grouped_backward(call, dy, x, G, weight, mean, rstd, channels_last, need_w,
         xf, dyf, dxf = xp.reshape(-1), dyp.reshape(-1), dx.reshape(-1)
         if cl:
             rc, kt, m, per_slab = _col_params(N, inner, C, gs, xp.itemsize)
-            _col_backward(dyf, xf, N, inner, C, gs, 1, w, mean64, rstd64, True, True, dxf, sdyx,
+            _col_backward(ks, dyf, xf, N, inner, C, gs, 1, w, mean64, rstd64, True, True, dxf, sdyx,
                           sdy, rc, kt, m, per_slab)
         else:
             R = N * G
             T, per = _row_tasks(R, gs * inner)
-            _k.row_seg_backward(dyf, xf, R, gs, inner, G, T, per, w, mean64, rstd64, _k.FUSED,
+            ks.row_seg_backward(dyf, xf, R, gs, inner, G, T, per, w, mean64, rstd64, _k.FUSED,
                                   _DUMMY, _DUMMY, dxf, sdy, sdyx, _DUMMY)
     dweight = sdyx.reshape(N, C).sum(axis=0) if need_w else None
     dbias = sdy.reshape(N, C).sum(axis=0) if need_b else None
@@ -546,40 +577,41 @@ def _grouped_backward(call, dy, x, G, weight, mean, rstd, channels_last, need_w,
 
 
 def _grouped_checks(call, x, channels_last, weight, bias, what, min_ndim, layout_s):
+    """``(C, w, b)``: the channel count and weight/bias as float64 (C,) vectors (checked)."""
     _checks.check_min_ndim(x, min_ndim, what, layout_s)
     C = x.shape[-1] if (channels_last and x.ndim >= 3) else x.shape[1]
-    for name, v in (("weight", weight), ("bias", bias)):
-        _checks.check_vector(call.arr(v, name), C, name)
-    return C
+    return C, _vec(call, weight, C, "weight", 1.0), _vec(call, bias, C, "bias", 0.0)
 
 
 @_grain
-def group_norm_forward(x, num_groups, weight, bias, eps, *, channels_last=False):
+def group_norm_forward(ks, x, num_groups, weight, bias, eps, *, channels_last=False):
     r"""Group norm forward: ``(y, mean, rstd)``, statistics ``(N, G)`` in x's dtype."""
     call = _Call(x)
-    C = _grouped_checks(call, call.x, channels_last, weight, bias, "group_norm", 2, "(N, C, *spatial)")
+    C, w, b = _grouped_checks(call, call.x, channels_last, weight, bias, "group_norm", 2,
+                              "(N, C, *spatial)")
     _checks.check_eps(eps)
     _checks.check_groups(num_groups, C)
-    y, mean, var = _grouped_forward(call, call.x, int(num_groups), weight, bias, eps, channels_last,
+    y, mean, var = _grouped_forward(ks, call, call.x, int(num_groups), w, b, eps, channels_last,
                                     "group_norm")
     return call.out(y, mean, _rstd(var, eps))
 
 
 @_grain
-def group_norm_backward(dy, x, num_groups, weight, mean, rstd, *, channels_last=False,
+def group_norm_backward(ks, dy, x, num_groups, weight, mean, rstd, *, channels_last=False,
                         need_weight_grad=None, need_bias_grad=None):
     r"""Group norm backward: ``(dx, dweight, dbias)``."""
     call = _Call(x)
-    C = _grouped_checks(call, call.x, channels_last, weight, None, "group_norm", 2, "(N, C, *spatial)")
+    C, w, _ = _grouped_checks(call, call.x, channels_last, weight, None, "group_norm", 2,
+                              "(N, C, *spatial)")
     _checks.check_groups(num_groups, C)
     dy = _like(call, dy, call.x.shape, "dy")
-    out = _grouped_backward(call, dy, call.x, int(num_groups), weight, mean, rstd, channels_last,
+    out = _grouped_backward(ks, call, dy, call.x, int(num_groups), w, mean, rstd, channels_last,
                             _want(need_weight_grad, weight), _want(need_bias_grad, weight))
     return call.out(*out)
 
 
 def _instance_spatial_check(x, channels_last):
-    spatial = int(np.prod(x.shape[1:-1] if channels_last else x.shape[2:], dtype=np.int64))
+    spatial = math.prod(x.shape[1:-1] if channels_last else x.shape[2:])
     if spatial <= 1:
         raise ValueError(
             f"instance_norm in training needs more than 1 spatial element per channel, got an "
@@ -588,29 +620,29 @@ def _instance_spatial_check(x, channels_last):
 
 
 @_grain
-def instance_norm_forward(x, weight, bias, eps, *, channels_last=False):
+def instance_norm_forward(ks, x, weight, bias, eps, *, channels_last=False):
     r"""Instance norm forward (statistics per sample and channel): ``(y, mean, var, rstd)``, (N, C).
 
     For inference with given per-channel statistics use ``batch_norm_forward(..., mean=, var=)``:
     it is the same transform.
     """
     call = _Call(x)
-    C = _grouped_checks(call, call.x, channels_last, weight, bias, "instance_norm", 3,
-                        "(N, C, *spatial) with at least one spatial dim")
+    C, w, b = _grouped_checks(call, call.x, channels_last, weight, bias, "instance_norm", 3,
+                              "(N, C, *spatial) with at least one spatial dim")
     _checks.check_eps(eps)
     _instance_spatial_check(call.x, channels_last)
-    y, mean, var = _grouped_forward(call, call.x, C, weight, bias, eps, channels_last, "instance_norm")
+    y, mean, var = _grouped_forward(ks, call, call.x, C, w, b, eps, channels_last, "instance_norm")
     return call.out(y, mean, var, _rstd(var, eps))
 
 
 @_grain
-def instance_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, need_weight_grad=None,
+def instance_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False, need_weight_grad=None,
                            need_bias_grad=None):
     r"""Instance norm backward: ``(dx, dweight, dbias)``."""
     call = _Call(x)
-    C = _grouped_checks(call, call.x, channels_last, weight, None, "instance_norm", 3,
-                        "(N, C, *spatial) with at least one spatial dim")
+    C, w, _ = _grouped_checks(call, call.x, channels_last, weight, None, "instance_norm", 3,
+                              "(N, C, *spatial) with at least one spatial dim")
     dy = _like(call, dy, call.x.shape, "dy")
-    out = _grouped_backward(call, dy, call.x, C, weight, mean, rstd, channels_last,
+    out = _grouped_backward(ks, call, dy, call.x, C, w, mean, rstd, channels_last,
                             _want(need_weight_grad, weight), _want(need_bias_grad, weight))
     return call.out(*out)

@@ -259,21 +259,28 @@ def _output_like(method: Method, x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps):
+def _stat_out(t: Optional[Tensor], x: Tensor, dtype) -> Tensor:
+    """A statistic as the op returns it: in ``dtype``, or an empty tensor when not produced."""
+    if t is None:
+        return x.new_empty(_EMPTY_SHAPE, dtype=dtype)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, be=None):
     """The forward kernel on x as the kernel reads it; ``(y, mean, var, rstd)`` as the op
-    returns them."""
+    returns them. ``be``: the backend, when the caller resolved it already."""
     xk, cl = _kernel_view(method, x)
-    y, m, v, r = method.forward(_backend(x), xk, weight, bias, mean, var, list(arg), eps, cl)
+    y, m, v, r = method.forward(be or _backend(x), xk, weight, bias, mean, var, arg, eps, cl)
     sd = _stat_dtype(x)
-    return _own_layout(y, cl), _or_empty(m, x).to(sd), _or_empty(v, x).to(sd), r.to(sd)
+    return _own_layout(y, cl), _stat_out(m, x, sd), _stat_out(v, x, sd), _stat_out(r, x, sd)
 
 
 def _run_backward(method: Method, dy: Tensor, x: Tensor, weight, mean, rstd, arg, need_weight_grad,
-                  need_bias_grad):
+                  need_bias_grad, be=None):
     """The backward kernel: ``(dx, dweight, dbias)`` as the op returns (empty when not asked)."""
     xk, cl = _kernel_view(method, x)
     dyk = (dy.movedim(1, -1) if cl else dy).contiguous()
-    dx, dw, db = method.backward(_backend(x), dyk, xk, weight, mean, rstd, list(arg), cl,
+    dx, dw, db = method.backward(be or _backend(x), dyk, xk, weight, mean, rstd, arg, cl,
                                  need_weight_grad, need_bias_grad)
     return _own_layout(dx, cl), _or_empty(dw, x), _or_empty(db, x)
 
@@ -366,16 +373,17 @@ class _Eager(torch.autograd.Function):
 
     @classmethod
     def forward(cls, ctx, x, weight, bias, mean, var, arg, eps):
-        out = _run_forward(cls.method, x, weight, bias, mean, var, arg, eps)
+        ctx.be = _backend(x)                   # resolved once for forward and backward
+        out = _run_forward(cls.method, x, weight, bias, mean, var, arg, eps, ctx.be)
         _save(ctx, cls.method, x, weight, bias, mean, var, arg, eps, out)
         return out
 
     @classmethod
     def backward(cls, ctx, grad_y, _grad_mean, _grad_var, _grad_rstd):
-        method = cls.method
+        method, be = cls.method, ctx.be
 
         def fused_backward(*args):
-            return _run_backward(method, *args)
+            return _run_backward(method, *args, be=be)
 
         grads = _input_grads(method, ctx, grad_y, ctx.needs_input_grad[:3], fused_backward)
         return grads + (None,) * 4             # mean, var, arg, eps
