@@ -29,8 +29,11 @@ Contract (same on every backend):
 * Training backward re-centres at the exact batch mean: the saved ``mean`` (rounded to x's
   dtype) is refined by ``sum(x - mean) / M``, a sum taken in the same pass as the other two.
   With ``training=False`` (given statistics) the mean is used as given.
-* Outputs are freshly allocated arrays owned by the caller (internal partial sums use a
-  reusable per-thread buffer). Results do not depend on the number of numba threads.
+* Outputs are arrays owned by the caller. Large ones (y, dx of 1 MiB or more) are carved
+  from the output pool (``_pool``): memory of earlier outputs that nothing refers to any more,
+  already mapped, so a training loop does not page-fault its outputs in every step. Internal
+  partial sums use a reusable per-thread buffer. Results do not depend on the number of numba
+  threads.
 * Memory passes: row kernels read x once and write y once (the row is normalized while in
   cache); backward reads (x, dy) once and writes dx once. BatchNorm needs its statistics
   before any output: x is read twice (dy and x twice in backward). Column kernels with many
@@ -60,6 +63,7 @@ from .. import _checks
 from ..reference.rms_norm import resolve_rms_eps
 from . import FUNCTIONS
 from . import _arrays as A
+from . import _pool
 from . import _numba_kernels as _k
 
 __all__ = list(FUNCTIONS)          # the contract of normlab.kernels
@@ -294,7 +298,7 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
         if var64.min(initial=0.0) < 0:
             raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
         rstd64 = _rstd(var64, eps)
-    y = np.empty_like(xp)
+    y = _pool.empty(xp.shape, xp.dtype)
     if xp.size:
         xf, yf = xp.reshape(-1), y.reshape(-1)
         if cl or inner < BN_ROW_MIN_INNER:
@@ -349,7 +353,7 @@ def batch_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False, t
     rstd64 = _stat(call, rstd, (C,), "rstd")
     need_w, need_b = _want(need_weight_grad, weight), _want(need_bias_grad, weight)
     sums = bool(training or need_w or need_b)
-    dx = np.empty_like(xp)
+    dx = _pool.empty(xp.shape, xp.dtype)
     dweight = dbias = None
     if xp.size:
         xf, dyf, dxf = xp.reshape(-1), dyp.reshape(-1), dx.reshape(-1)
@@ -449,7 +453,7 @@ def _row_setup(call, normalized_shape, weight, bias, what):
 def _row_forward(ks, x, normalized_shape, weight, bias, eps, centered, what):
     call = _Call(x)
     xc, R, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
-    y = np.empty_like(xc)
+    y = _pool.empty(xc.shape, xc.dtype)
     mean, rstd = np.empty(R), np.empty(R)
     if R:
         T, per = _row_tasks(R, L)
@@ -464,7 +468,7 @@ def _row_backward(ks, dy, x, normalized_shape, weight, mean, rstd, centered, nee
     dyc = np.ascontiguousarray(_like(call, dy, xc.shape, "dy"), dtype=xc.dtype)
     mean64 = _stat(call, mean, lead, "mean") if centered else _filled(R, np.float64, 0.0)
     rstd64 = _stat(call, rstd, lead, "rstd")
-    dx = np.empty_like(xc)
+    dx = _pool.empty(xc.shape, xc.dtype)
     grads = need_w or need_b
     T, per = _row_tasks(R, L, partials=True)
     part = _scratch(2 * T * L if grads else 0)          # zeroed by the kernel
@@ -533,7 +537,7 @@ def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, what):
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     gs = C // G
-    y = np.empty_like(xp)
+    y = _pool.empty(xp.shape, xp.dtype)
     mean, m2 = np.empty(N * G), np.empty(N * G)
     if xp.size:
         xf, yf = xp.reshape(-1), y.reshape(-1)
@@ -558,7 +562,7 @@ def _grouped_backward(ks, call, dy, x, G, w, mean, rstd, channels_last, need_w, 
     gs = C // G
     mean64 = _stat(call, mean, (N, G), "mean")
     rstd64 = _stat(call, rstd, (N, G), "rstd")
-    dx = np.empty_like(xp)
+    dx = _pool.empty(xp.shape, xp.dtype)
     sdy, sdyx = np.zeros(N * C), np.zeros(N * C)
     if xp.size:
         xf, dyf, dxf = xp.reshape(-1), dyp.reshape(-1), dx.reshape(-1)
