@@ -217,7 +217,11 @@ def test_fused_path_matches_torch(case, method, shape, layout, opts, dtype, tol)
 @pytest.mark.parametrize("case, method, shape, layout, opts", CASES, ids=[c[0] for c in CASES])
 def test_eager_path_equals_the_custom_ops(monkeypatch, case, method, shape, layout, opts, dtype):
     """The eager fast path (the default outside compile and dispatch modes) and the custom ops
-    give bit-identical outputs, gradients and running statistics; each path is the one taken."""
+    give bit-identical outputs and gradients; each path is the one taken. The running
+    statistics agree to rounding: the ops run inside a dispatch mode here (``_record_ops``),
+    where the running-statistics update is torch operations (for the mode to see them), while
+    in plain eager code it runs on NumPy views (``functional._fold_on_host``); torch's
+    ``add_(alpha=)`` may fuse a multiply-add that NumPy rounds twice."""
     def run(eager):
         monkeypatch.setattr(_fused, "EAGER", eager)
         g = torch.Generator().manual_seed(len(case))
@@ -240,7 +244,13 @@ def test_eager_path_equals_the_custom_ops(monkeypatch, case, method, shape, layo
     assert torch.equal(y_e, y_o) and y_e.stride() == y_o.stride()
     assert torch.equal(dx_e, dx_o) and dx_e.stride() == dx_o.stride()
     for k in g_e:                    # None: a parameter the method does not take (rms bias)
-        assert (g_e[k] is None and g_o[k] is None) or torch.equal(g_e[k], g_o[k]), k
+        if g_e[k] is None or g_o[k] is None:
+            assert g_e[k] is None and g_o[k] is None, k
+        elif k.startswith("running"):
+            ulp = torch.finfo(dtype).eps
+            torch.testing.assert_close(g_e[k], g_o[k], rtol=2 * ulp, atol=2 * ulp, msg=k)
+        else:
+            assert torch.equal(g_e[k], g_o[k]), k
 
 
 def test_eager_path_without_grad_and_under_a_dispatch_mode():

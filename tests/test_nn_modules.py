@@ -205,3 +205,44 @@ def test_checkpoint_of_a_model_loads_both_ways():
     ref.eval(), ours.eval(), back.eval()
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(back(x), ref(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
+def test_running_statistics_on_host_views_equal_the_torch_operations(monkeypatch, dtype, momentum):
+    """In plain eager CPU code the running statistics are folded on NumPy views of the buffers
+    (functional._fold_on_host); inside a dispatch mode as torch operations, which the mode sees.
+    Both agree to rounding over several steps, and both bump the buffers' version counters."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    from normlab.nn import functional as NF
+
+    folded = []
+    real = NF._fold_on_host
+    monkeypatch.setattr(NF, "_fold_on_host", lambda *a: folded.append(real(*a)) or folded[-1])
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(6, 5, 3, generator=g, dtype=dtype) * 2 + 1 for _ in range(4)]
+    host, ops = (nl.BatchNorm1d(5, momentum=momentum).to(dtype) for _ in range(2))
+    versions = host.running_mean._version, host.running_var._version
+    for x in xs:
+        host(x)
+        with Seen() as seen:
+            ops(x)
+        assert any("mul_" in op for op in seen.ops) and any("add_" in op for op in seen.ops)
+    assert folded == [True, False] * len(xs)          # host views, then (in the mode) torch ops
+    assert host.running_mean._version == versions[0] + len(xs)
+    assert host.running_var._version == versions[1] + len(xs)
+    assert int(host.num_batches_tracked) == int(ops.num_batches_tracked) == len(xs)
+    ulp = torch.finfo(dtype).eps
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(host, name), getattr(ops, name), rtol=4 * ulp,
+                                   atol=4 * ulp, msg=name)

@@ -25,7 +25,10 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
+from torch.autograd.graph import increment_version
+from torch.utils import _python_dispatch
 
 from .. import _checks
 from ..kernels import ENV_VAR, get_backend
@@ -128,6 +131,45 @@ def _policy(owner, nonfinite) -> str:
     return _context_policy()
 
 
+_HOST_DTYPES = (torch.float32, torch.float64)
+
+
+def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_batches_tracked,
+                  owner) -> bool:
+    """``_update_running`` for the common eager case -- CPU float32/float64 plain tensors,
+    nothing requiring grad -- on NumPy views of the same memory: a dozen tensor operations on C
+    values cost more than the normalization of a small batch (measured: 60 of 174 us of a
+    BatchNorm2d forward on 32x64x8x8). Same arithmetic, in the same order, as the torch path
+    below (``running * (1 - f) + f * batch``, in the running statistics' dtype); the version
+    counters of the updated tensors are bumped as an in-place torch operation would. Returns
+    False (nothing done) when the case is not that one."""
+    tensors = [t for t in (running_mean, running_var, mean, var, num_batches_tracked) if t is not None]
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad:
+            return False
+    for t in (running_mean, running_var, mean, var):
+        if t is not None and t.dtype not in _HOST_DTYPES:
+            return False
+    if torch.compiler.is_compiling() or _python_dispatch.is_in_torch_dispatch_mode():
+        return False
+    m = mean.numpy()
+    u = var.numpy() * (count / max(count - 1, 1))
+    if policy != "propagate":
+        good = np.isfinite(m) & np.isfinite(u)
+        if not good.all():
+            _checks.nonfinite_found(owner, policy, np.flatnonzero(~good).tolist())
+            return True
+    for run, batch in ((running_mean, m), (running_var, u)):
+        if run is not None:
+            r = run.numpy()
+            r *= 1.0 - f
+            r += (batch * f).astype(r.dtype, copy=False)
+    if num_batches_tracked is not None:
+        num_batches_tracked.numpy()[...] += 1
+    increment_version([t for t in (running_mean, running_var, num_batches_tracked) if t is not None])
+    return True
+
+
 @torch.no_grad()
 def _update_running(running_mean, running_var, mean, var, count, momentum, *,
                     num_batches_tracked=None, owner=None, nonfinite=None):
@@ -145,7 +187,6 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, *,
     ``torch.compile`` the skip is done without a branch (``torch.where``), and no warning or
     error can be issued from the compiled graph.
     """
-    unbiased = var * (count / max(count - 1, 1))
     policy = _policy(owner, nonfinite)
     if momentum is None:
         if num_batches_tracked is None:
@@ -153,6 +194,10 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, *,
         f = 1.0 / (float(num_batches_tracked) + 1.0)
     else:
         f = float(momentum)
+    if _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_batches_tracked,
+                     owner):
+        return
+    unbiased = var * (count / max(count - 1, 1))
     if policy != "propagate" and torch.compiler.is_compiling():
         ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
         if running_mean is not None:
