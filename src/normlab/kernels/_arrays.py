@@ -66,7 +66,7 @@ def from_numpy(a, as_tensor: bool):
     """Results back to the caller's array type (torch.from_numpy shares memory)."""
     if a is None or not as_tensor:
         return a
-    return _torch().from_numpy(a)
+    return sys.modules["torch"].from_numpy(a)
 
 
 def check_kernel_dtype(x, backend: str) -> np.dtype:
