@@ -122,3 +122,12 @@ def test_threads_never_get_the_same_buffer():
     for mine in out:
         for i, m in enumerate(mine):
             assert np.all(m == i)
+
+
+def test_the_public_release_function():
+    from normlab import kernels
+
+    a = P.empty(SHAPE, np.float32)
+    del a
+    assert kernels.release_output_pool() == SHAPE[0] * SHAPE[1] * 4
+    assert kernels.release_output_pool() == 0 and not P._BUFS

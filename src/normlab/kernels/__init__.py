@@ -43,6 +43,11 @@ unsupported device or dtype) raises ``ValueError`` naming the choice and the val
 an automatic choice (3) that cannot run falls back to 4 silently (``backend.name`` says which
 one was picked, ``available_backends()`` says why).
 
+Memory: the numba backend carves its large outputs (1 MiB and more) from an output pool that
+reuses the memory of earlier outputs nothing refers to any more (see ``_pool``): at most
+``$NORMLAB_OUTPUT_POOL_MB`` MiB (default 1024; 0 turns it off); ``release_output_pool()``
+frees the idle part now.
+
 Example:
     >>> import numpy as np
     >>> from normlab.kernels import get_backend
@@ -62,7 +67,7 @@ from typing import Callable, Optional
 import numpy as np
 
 __all__ = ["get_backend", "available_backends", "register_backend", "Backend", "FUNCTIONS",
-           "ENV_VAR", "FALLBACK"]
+           "ENV_VAR", "FALLBACK", "release_output_pool"]
 
 #: the functions every backend provides
 FUNCTIONS = (
@@ -137,6 +142,17 @@ def register_backend(name: str, loader: Callable[[], object], *, devices=("cpu",
     _CHOSEN.clear()
     for dev in default_for:
         _DEVICE_DEFAULTS[dev] = name
+
+
+def release_output_pool() -> int:
+    """Free the idle buffers of the numba backend's output pool now; returns the bytes freed.
+
+    The pool keeps the memory of large outputs once they are no longer referenced, to reuse it
+    for the next ones (``$NORMLAB_OUTPUT_POOL_MB``, default 1024 MiB; 0 turns it off).
+    """
+    from . import _pool
+
+    return _pool.release()
 
 
 def _module(path: str):
