@@ -88,14 +88,6 @@ def check_float_dtype(x, backend: str) -> np.dtype:
     return x.dtype
 
 
-def vector_f64(v, length: int, name: str, fill: float):
-    """A per-channel parameter as a contiguous float64 (length,) array (``fill`` when None)."""
-    if v is None:
-        return np.full(length, fill)
-    v = to_numpy(v, name)
-    return np.ascontiguousarray(v, dtype=np.float64).reshape(length)
-
-
 def layout(x, channels_last: bool):
     """``(xp, phys_cl, swapped)``: x as a C-contiguous array in its physical layout.
 

@@ -181,8 +181,8 @@ def _col_params(B: int, R: int, K: int, gs: int, itemsize: int):
     return rc, kt, m, B >= COL_PER_SLAB_MIN
 
 
-def _col_forward(ks, x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mean_out, m2_out, rc, kt,
-                 m, per_slab):
+def _col_forward(ks, x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mean_out, m2_out,
+                 rc, kt, m, per_slab):
     """Run the column forward with the per-slab or the chunked schedule (see _numba_kernels)."""
     if per_slab:
         ks.col_forward_slabs(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
@@ -306,13 +306,13 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
             rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
             if training:
                 mean64, m2 = np.empty(C), np.empty(C)
-                _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean64, m2,
-                             rc, kt, m, per_slab)
+                _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf,
+                             mean64, m2, rc, kt, m, per_slab)
                 var64 = m2 / count
                 rstd64 = _rstd(var64, eps)
             else:
-                _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.APPLY, mean64, rstd64, yf, _DUMMY,
-                             _DUMMY, rc, kt, m, per_slab)
+                _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.APPLY, mean64, rstd64, yf,
+                             _DUMMY, _DUMMY, rc, kt, m, per_slab)
         else:
             R = N * C
             T, per = _row_tasks(R, inner)
@@ -362,8 +362,8 @@ def batch_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False, t
             rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
             dwk = np.empty(K if sums else 0)
             dbk = np.empty(K if sums else 0)
-            _col_backward(ks, dyf, xf, 1, R, K, gs, gs, w, mean64, rstd64, bool(training), sums, dxf,
-                          dwk, dbk, rc, kt, m, per_slab)
+            _col_backward(ks, dyf, xf, 1, R, K, gs, gs, w, mean64, rstd64, bool(training), sums,
+                          dxf, dwk, dbk, rc, kt, m, per_slab)
             if sums:
                 dweight = dwk.reshape(C, gs).sum(axis=1)
                 dbias = dbk.reshape(C, gs).sum(axis=1)
@@ -450,8 +450,7 @@ def _row_setup(call, normalized_shape, weight, bias, what):
     return np.ascontiguousarray(x), R, L, lead, shape, w, b
 
 
-def _row_forward(ks, x, normalized_shape, weight, bias, eps, centered, what):
-    call = _Call(x)
+def _row_forward(ks, call, normalized_shape, weight, bias, eps, centered, what):
     xc, R, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
     y = _pool.empty(xc.shape, xc.dtype)
     mean, rstd = np.empty(R), np.empty(R)
@@ -459,7 +458,7 @@ def _row_forward(ks, x, normalized_shape, weight, bias, eps, centered, what):
         T, per = _row_tasks(R, L)
         ks.row_elem_forward(xc.reshape(-1), R, L, T, per, w, b, float(eps), centered,
                               y.reshape(-1), mean, rstd)
-    return call, y, mean.reshape(lead), rstd.reshape(lead)
+    return y, mean.reshape(lead), rstd.reshape(lead)
 
 
 def _row_backward(ks, dy, x, normalized_shape, weight, mean, rstd, centered, need_w, need_b, what):
@@ -495,7 +494,8 @@ def layer_norm_forward(ks, x, normalized_shape, weight, bias, eps):
     weight, bias: ``normalized_shape`` or None.
     """
     _checks.check_eps(eps)
-    call, y, mean, rstd = _row_forward(ks, x, normalized_shape, weight, bias, eps, True, "layer_norm")
+    call = _Call(x)
+    y, mean, rstd = _row_forward(ks, call, normalized_shape, weight, bias, eps, True, "layer_norm")
     return call.out(y, mean, rstd)
 
 
@@ -515,9 +515,9 @@ def rms_norm_forward(ks, x, normalized_shape, weight, eps=None):
 
     ``eps=None`` resolves as torch.nn.functional.rms_norm does (see reference.rms_norm.resolve_rms_eps).
     """
-    call0 = _Call(x)
-    eps = resolve_rms_eps(eps, call0.dtype)
-    call, y, _, rstd = _row_forward(ks, x, normalized_shape, weight, None, eps, False, "rms_norm")
+    call = _Call(x)
+    eps = resolve_rms_eps(eps, call.dtype)
+    y, _, rstd = _row_forward(ks, call, normalized_shape, weight, None, eps, False, "rms_norm")
     return call.out(y, rstd)
 
 
@@ -543,8 +543,8 @@ def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, what):
         xf, yf = xp.reshape(-1), y.reshape(-1)
         if cl:
             rc, kt, m, per_slab = _col_params(N, inner, C, gs, xp.itemsize)
-            _col_forward(ks, xf, N, inner, C, gs, 1, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean, m2,
-                         rc, kt, m, per_slab)
+            _col_forward(ks, xf, N, inner, C, gs, 1, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean,
+                         m2, rc, kt, m, per_slab)
         else:
             R = N * G
             T, per = _row_tasks(R, gs * inner)

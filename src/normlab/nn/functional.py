@@ -139,13 +139,13 @@ def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_ba
     """``_update_running`` for the common eager case -- CPU float32/float64 plain tensors,
     nothing requiring grad -- on NumPy views of the same memory: a dozen tensor operations on C
     values cost more than the normalization of a small batch (measured: 60 of 174 us of a
-    BatchNorm2d forward on 32x64x8x8). Same arithmetic, in the same order, as the torch path
-    below (``running * (1 - f) + f * batch``, in the running statistics' dtype); the version
-    counters of the updated tensors are bumped as an in-place torch operation would. Returns
-    False (nothing done) when the case is not that one."""
-    tensors = [t for t in (running_mean, running_var, mean, var, num_batches_tracked) if t is not None]
-    for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad:
+    BatchNorm2d forward on 32x64x8x8). The same formula as the torch path below
+    (``running * (1 - f) + f * batch``, in the running statistics' dtype), equal to rounding
+    (torch's ``add_(alpha=)`` may fuse the multiply-add); the version counters of the updated
+    tensors are bumped as an in-place torch operation would. Returns False (nothing done) when
+    the case is not that one."""
+    for t in (running_mean, running_var, mean, var, num_batches_tracked):
+        if t is not None and (type(t) is not torch.Tensor or not t.is_cpu or t.requires_grad):
             return False
     for t in (running_mean, running_var, mean, var):
         if t is not None and t.dtype not in _HOST_DTYPES:
