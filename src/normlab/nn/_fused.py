@@ -69,7 +69,7 @@ from . import _composite
 
 __all__ = ["METHODS", "OPS", "EAGER_FUNCTIONS", "EAGER", "BACKEND", "BACKENDS", "DEVICE_BACKENDS",
            "batch_norm_train", "batch_norm_eval", "instance_norm", "group_norm", "layer_norm",
-           "rms_norm", "channels_last_view"]
+           "rms_norm", "channels_last_view", "plain_eager"]
 
 #: the kernel backend the CPU implementations of the ops call
 BACKEND = "numba"
@@ -104,8 +104,12 @@ def channels_last_view(x: Tensor) -> bool:
 _EMPTY_SHAPE = (0,)
 
 
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(_EMPTY_SHAPE) if t is None else t
+def _or_empty(t: Optional[Tensor], like: Tensor, dtype=None) -> Tensor:
+    """``t`` as an op output: an empty tensor when not produced (custom ops cannot return None),
+    cast to ``dtype`` when one is given."""
+    if t is None:
+        return like.new_empty(_EMPTY_SHAPE, dtype=dtype or like.dtype)
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 # --- the method table ------------------------------------------------------------------------
@@ -259,20 +263,13 @@ def _output_like(method: Method, x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _stat_out(t: Optional[Tensor], x: Tensor, dtype) -> Tensor:
-    """A statistic as the op returns it: in ``dtype``, or an empty tensor when not produced."""
-    if t is None:
-        return x.new_empty(_EMPTY_SHAPE, dtype=dtype)
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, be=None):
     """The forward kernel on x as the kernel reads it; ``(y, mean, var, rstd)`` as the op
     returns them. ``be``: the backend, when the caller resolved it already."""
     xk, cl = _kernel_view(method, x)
     y, m, v, r = method.forward(be or _backend(x), xk, weight, bias, mean, var, arg, eps, cl)
     sd = _stat_dtype(x)
-    return _own_layout(y, cl), _stat_out(m, x, sd), _stat_out(v, x, sd), _stat_out(r, x, sd)
+    return _own_layout(y, cl), _or_empty(m, x, sd), _or_empty(v, x, sd), _or_empty(r, x, sd)
 
 
 def _run_backward(method: Method, dy: Tensor, x: Tensor, weight, mean, rstd, arg, need_weight_grad,
@@ -398,13 +395,20 @@ EAGER = True
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _eager_ok(*tensors) -> bool:
-    """The eager path applies outside ``torch.compile``/``torch.export`` tracing, outside every
-    ``TorchDispatchMode`` (fake tensors, ``make_fx``, user modes: they see the ``normlab::``
-    ops) and functorch transforms, and on plain tensors (subclasses get the ops)."""
-    return (EAGER and not torch.compiler.is_compiling()
+def plain_eager() -> bool:
+    """Nothing observes the torch operations run now: not ``torch.compile``/``torch.export``
+    tracing, no ``TorchDispatchMode`` (fake tensors, ``make_fx``, user modes) and no functorch
+    transform. Code may then skip the dispatcher (the eager path here, the running-statistics
+    update of ``functional``)."""
+    return (not torch.compiler.is_compiling()
             and not _python_dispatch.is_in_torch_dispatch_mode()
-            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _eager_ok(*tensors) -> bool:
+    """The eager path applies in ``plain_eager`` code (dispatch modes see the ``normlab::`` ops)
+    and on plain tensors (subclasses get the ops)."""
+    return (EAGER and plain_eager()
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 

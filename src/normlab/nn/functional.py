@@ -28,7 +28,6 @@ import os
 import numpy as np
 import torch
 from torch.autograd.graph import increment_version
-from torch.utils import _python_dispatch
 
 from .. import _checks
 from ..kernels import ENV_VAR, get_backend
@@ -150,7 +149,7 @@ def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_ba
     for t in (running_mean, running_var, mean, var):
         if t is not None and t.dtype not in _HOST_DTYPES:
             return False
-    if torch.compiler.is_compiling() or _python_dispatch.is_in_torch_dispatch_mode():
+    if not _fused.plain_eager():
         return False
     m = mean.numpy()
     u = var.numpy() * (count / max(count - 1, 1))
