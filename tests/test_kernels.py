@@ -455,6 +455,32 @@ def test_float32_large_offset_row_and_group_norms_at_least_as_accurate_as_torch(
         assert _err(y, yr) <= max(_err(yt, yr), 1e-5)
 
 
+def test_a_shift_far_out_or_non_finite_falls_back_to_two_pass():
+    """The one-sweep moments sum about the mean of a block's first values (``_numba_kernels``):
+    outliers there, or a non-finite value, send the block (column) to the two-pass, so the
+    statistics stay as accurate as the reference's and non-finite values give its results."""
+    n = 4096
+    x = data((n, 8), F64, offset=1.0, scale=1e-3)
+    x[:4, 3] = 1e8                     # the shift of column 3 (and row 3 below) lies far out
+    x[0, 5] = np.inf                   # a non-finite shift: mean inf, var NaN as two-pass gives
+    _, c = R.batch_norm_forward(x, eps=EPS)
+    for ks in (NB._k.SERIAL_KERNELS, NB._k.PARALLEL_KERNELS):
+        y, m, v, r = NB.batch_norm_forward.__wrapped__(ks, x, None, None, EPS)
+        np.testing.assert_array_equal(np.isinf(m), np.isinf(c["mean"].ravel()))
+        np.testing.assert_array_equal(np.isnan(v), np.isnan(c["var"].ravel()))
+        ok = np.isfinite(c["var"].ravel())
+        np.testing.assert_allclose(m[ok], c["mean"].ravel()[ok], rtol=1e-14)
+        np.testing.assert_allclose(v[ok], c["var"].ravel()[ok], rtol=1e-13)
+    rows = np.ascontiguousarray(x.T)                   # the same values as rows (row kernels)
+    _, c = R.layer_norm_forward(rows, n, eps=EPS)
+    for ks in (NB._k.SERIAL_KERNELS, NB._k.PARALLEL_KERNELS):
+        y, m, r = NB.layer_norm_forward.__wrapped__(ks, rows, n, None, None, EPS)
+        assert np.isinf(m[5]) and np.isnan(r[5])
+        ok = np.arange(8) != 5
+        np.testing.assert_allclose(m[ok], c["mean"].ravel()[ok], rtol=1e-14)
+        np.testing.assert_allclose(r[ok], c["rstd"].ravel()[ok], rtol=1e-13)
+
+
 def test_backward_refines_a_rounded_mean_in_training_only():
     """The saved mean is only a pivot in training: dx is exact even when it is off by 0.01."""
     x, dy, w, b, _ = _bn_case((6, 3, 5, 7), F64, False, True, True)

@@ -15,12 +15,20 @@ dtype (float32, float64). The work partition (tasks) is fixed by the shape, neve
 thread count, so results do not depend on the number of threads.
 
 Statistics accumulate in float64 whatever the input dtype (float32 values and their products
-convert exactly). Variances are two-pass over cache-sized blocks (mean first, then squared
-deviations from it, re-read from L1/L2) and blocks merge with Chan's formula, so data with a
-large offset (mean 1e4, std 1) loses nothing to cancellation::
+convert exactly). Moments are taken per cache-sized block and blocks merge with Chan's formula::
 
     n = n_a + n_b,  delta = mean_b - mean_a
     mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+Within a block, one sweep sums ``d = x - s`` and ``d^2`` about a *shift* ``s``, the mean of the
+block's first few values (per column for the column kernels, whose chunks wider than
+``SWEEP_LANES_MAX`` lanes stay two-pass): ``mean = s + sum(d) / n``,
+``M2 = sum(d^2) - sum(d)^2 / n``. The subtraction loses ``log2(sum(d^2) / M2)`` bits, a fraction
+of one when ``s`` is near the block's mean, however large the common offset (mean 1e4, std 1
+loses nothing). A block (a column of a chunk) whose shift lies far out (``M2 < sum(d^2) / 16``,
+more than 4 bits), or whose sums are not finite, is redone two-pass: mean first, then the
+squared deviations from it, re-read from L1/L2 (the reference's algorithm). Both branches depend
+on the data only, never on the thread count.
 
 Normalization subtracts the mean as a (hi, lo) pair in x's dtype, ``(x - mh) - ml``: x - mh is
 exact near the mean, so an offset of 1e4 costs float32 no digits of xhat. Where the affine is
@@ -59,8 +67,19 @@ import types
 import numpy as np
 from numba import njit, prange
 
-#: elements per block of the blockwise two-pass row moments (16-32 KiB: stays in L1)
+#: elements per block of the blockwise row moments (16-32 KiB: stays in L1)
 BLOCK = 4096
+#: a block's one-sweep moments are kept when ``M2 >= SHIFT_KEEP * sum(d^2)`` (at most 4 bits lost
+#: to the subtraction); otherwise, or when not finite, the block is redone two-pass
+SHIFT_KEEP = 1.0 / 16.0
+#: the shift is the mean of a block's first SHIFT_FROM values (of a column's first rows): half a
+#: standard deviation from the mean on average, so the two-pass redo is rare (Gaussian data: a
+#: shift 3.9 standard deviations out, about 1e-14)
+SHIFT_FROM = 4
+#: column kernels: chunks of wide rows up to this many lanes take the one sweep; wider ones stay
+#: two-pass, which measured faster there (pass 1 alone, float32, 2 threads: 1.1-1.5x faster
+#: with the sweep at 64-512 lanes, 0.6-0.7x at 1024 and 2048 lanes)
+SWEEP_LANES_MAX = 512
 
 SERIAL = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 PARALLEL = dict(SERIAL, parallel=True)
@@ -74,6 +93,19 @@ def acc_sum(x, start, nr, ld, w, acc):
         seg = x[o:o + w]
         for k in range(w):
             acc[k] += seg[k]
+
+
+@njit(**SERIAL)
+def acc_shifted(x, start, nr, ld, w, sh, a1, a2):
+    """``a1[k] += sum_r d``, ``a2[k] += sum_r d^2`` with ``d = x[start + r*ld + k] - sh[k]``, in
+    float64."""
+    for r in range(nr):
+        o = start + r * ld
+        seg = x[o:o + w]
+        for k in range(w):
+            d = np.float64(seg[k]) - sh[k]
+            a1[k] += d
+            a2[k] += d * d
 
 
 @njit(**SERIAL)
@@ -139,16 +171,52 @@ def row_sumsq(x, start, n):
     return s
 
 
+@njit(**REDUCE)
+def row_shifted(x, start, n, sh):
+    """float64 ``(sum d, sum d^2)`` with ``d = x - sh`` over ``x[start:start+n]``.
+
+    Reassociation may regroup ``s + (x - sh)`` as ``(s + x) - sh`` (as in ``row_bwd_sums``):
+    rounding at the scale of ``|x|``, which moves the mean by about one unit in its last place
+    and ``sum(d)^2 / n`` by far less than the rounding of ``M2``.
+    """
+    xs = x[start:start + n]
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(n):
+        d = np.float64(xs[i]) - sh
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(**SERIAL)
+def block_moments(x, start, n):
+    """``(mean, M2)`` of ``x[start:start+n]`` (n >= 1): one sweep about the mean of its first
+    ``SHIFT_FROM`` values, or two-pass when that loses more than 4 bits or is not finite (see
+    the module docstring)."""
+    ns = min(n, SHIFT_FROM)
+    sh = 0.0
+    for i in range(ns):
+        sh += np.float64(x[start + i])
+    sh /= ns
+    s1, s2 = row_shifted(x, start, n, sh)
+    d = s1 / n
+    m2 = s2 - s1 * d
+    if m2 >= s2 * SHIFT_KEEP:                  # False for NaN: non-finite data goes two-pass
+        return sh + d, m2
+    mean = row_sum(x, start, n) / n
+    return mean, row_dev2(x, start, n, mean)
+
+
 @njit(**SERIAL)
 def row_moments(x, start, n):
-    """``(mean, M2)`` of ``x[start:start+n]``: two-pass per BLOCK, blocks merged with Chan."""
+    """``(mean, M2)`` of ``x[start:start+n]``: ``block_moments`` per BLOCK, merged with Chan."""
     mean = 0.0
     m2 = 0.0
     cnt = 0
     for b0 in range(0, n, BLOCK):
         nb = min(BLOCK, n - b0)
-        mb = row_sum(x, start + b0, nb) / nb
-        m2b = row_dev2(x, start + b0, nb, mb)
+        mb, m2b = block_moments(x, start + b0, nb)
         if cnt == 0:
             mean = mb
             m2 = m2b
@@ -245,7 +313,7 @@ def dx_seg(dy, x, dx, start, n, mh, ml, ws, mg, q, rs):
 # Row kernels: the reduced elements of one statistic are contiguous.
 #
 # A row is ``L`` contiguous elements that share one ``(mean, rstd)``; it is read from memory
-# once: its statistics are computed (blockwise two-pass, see ``_numba_core``) and it is
+# once: its statistics are computed (``row_moments``, see the module docstring) and it is
 # normalized while it is still in L1/L2. Rows run in parallel in ``T`` tasks of ``per``
 # consecutive rows (the launcher fixes ``T`` from the shape alone, so results never depend on
 # the thread count).
@@ -464,8 +532,10 @@ def row_seg_backward(dy, x, R, S, Ls, P, T, per, w, mean, rstd, mode, t_mg, t_mg
 # A slab is cut into tasks (chunk of ``rc`` rows) x (tile of ``kt`` columns, whole groups),
 # fixed by the shape alone, so results never depend on the thread count:
 #
-# 1. ``chunk_moments``: per-column ``(mean, M2)`` of one chunk, two-pass in float64 (the chunk,
-#    at most 256 KiB, is re-read from L2); narrow slabs read ``m`` rows as one wide row;
+# 1. ``chunk_moments``: per-column ``(mean, M2)`` of one chunk in float64: one sweep about the
+#    mean of the chunk's first rows up to ``SWEEP_LANES_MAX`` lanes (a column where that is
+#    ill-conditioned is redone two-pass), two-pass beyond; the second pass re-reads the chunk
+#    (at most 256 KiB) from L2; narrow slabs read ``m`` rows as one wide row;
 # 2. ``merge_tile``: chunks merge with Chan's formula in chunk order; columns fold into groups
 #    (``mean_g = mean of the column means``, ``M2_g = sum M2_k + R * sum (mean_k - mean_g)^2``);
 #    per-column coefficients are written in x's dtype;
@@ -520,11 +590,14 @@ def chunk_moments(x, b, t, j, R, K, rc, kt, m, pm, pm2, p0):
     nw = nr // m
     W = m * kw
     tail = start + nw * m * K
+    mch = pm[p0:p0 + kw]
+    m2ch = pm2[p0:p0 + kw]
+    if W <= SWEEP_LANES_MAX:
+        shifted_chunk(x, start, tail, nr, nw, K, kw, m, W, mch, m2ch)
+        return
     acc = np.zeros(W)
     acc_sum(x, start, nw, m * K, W, acc)
     acc_sum(x, tail, nr - nw * m, K, kw, acc)
-    mch = pm[p0:p0 + kw]
-    m2ch = pm2[p0:p0 + kw]
     fold_lanes(acc, m, kw, mch)
     for k in range(kw):
         mch[k] = mch[k] / nr
@@ -535,6 +608,49 @@ def chunk_moments(x, b, t, j, R, K, rc, kt, m, pm, pm2, p0):
     acc_dev2(x, start, nw, m * K, W, mrep, acc)
     acc_dev2(x, tail, nr - nw * m, K, kw, mrep, acc)
     fold_lanes(acc, m, kw, m2ch)
+
+
+@njit(**SERIAL)
+def shifted_chunk(x, start, tail, nr, nw, K, kw, m, W, mch, m2ch):
+    """``chunk_moments`` in one sweep about each column's mean over the chunk's first SHIFT_FROM
+    rows; a column where that loses more than 4 bits (or is not finite) is redone two-pass."""
+    ns = min(nr, SHIFT_FROM)
+    sh = np.zeros(kw)
+    acc_sum(x, start, ns, K, kw, sh)
+    rep = np.empty(W)
+    for i in range(W):
+        rep[i] = sh[i % kw] / ns
+    acc = np.zeros(W)
+    acc2 = np.zeros(W)
+    acc_shifted(x, start, nw, m * K, W, rep, acc, acc2)
+    acc_shifted(x, tail, nr - nw * m, K, kw, rep, acc, acc2)
+    fold_lanes(acc, m, kw, mch)
+    fold_lanes(acc2, m, kw, m2ch)
+    redo = 0
+    for k in range(kw):                            # branch-free, so that it vectorizes
+        s1 = mch[k]
+        s2 = m2ch[k]
+        d = s1 / nr
+        m2 = s2 - s1 * d
+        mch[k] = rep[k] + d
+        m2ch[k] = m2
+        keep = m2 >= s2 * SHIFT_KEEP               # False for NaN: non-finite data goes two-pass
+        acc[k] = 0.0 if keep else 1.0
+        redo += 0 if keep else 1
+    if redo:
+        for k in range(kw):
+            if acc[k] != 0.0:                      # two-pass for this column, re-read from L2
+                c = start + k
+                s = 0.0
+                for r in range(nr):
+                    s += x[c + r * K]
+                mean = s / nr
+                s = 0.0
+                for r in range(nr):
+                    e = np.float64(x[c + r * K]) - mean
+                    s += e * e
+                mch[k] = mean
+                m2ch[k] = s
 
 
 @njit(**SERIAL)

@@ -14,8 +14,9 @@ Contract (same on every backend):
   torch tensors out (inputs are read through zero-copy ``.numpy()`` views, outputs wrap the
   result arrays with ``torch.from_numpy``). Parameters and statistics may be either.
 * ``y``, ``dx`` and the returned statistics have x's dtype; ``dweight``/``dbias`` too.
-  Statistics accumulate in float64 (two-pass per cache block, Chan merges), so float32 data
-  with a large offset keeps full float32 accuracy.
+  Statistics accumulate in float64 (per cache block: one sweep about a shift, two-pass where
+  that is ill-conditioned; Chan merges), so float32 data with a large offset keeps full float32
+  accuracy.
 * float32 and float64 only; anything else raises ``TypeError`` naming the dtype and the fix.
   ``dy`` of another floating dtype is cast to x's dtype.
 * Non-contiguous input: made contiguous in the nearest layout (see ``_arrays``); an
@@ -76,7 +77,8 @@ NAME = "numba"
 ROW_TASKS = 256
 #: per-task float64 partials of LayerNorm's dweight/dbias stay under this many elements
 ROW_PARTIAL_ELEMS = 1 << 15
-#: column kernels: bytes of x per (row chunk x column tile), re-read from L2 by the two-pass
+#: column kernels: bytes of x per (row chunk x column tile), re-read from L2 when a chunk's
+#: moments are redone two-pass
 COL_CHUNK_BYTES = 1 << 18
 #: column kernels: widest column tile
 COL_TILE = 1024
