@@ -1001,6 +1001,52 @@ def col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_su
 # cache (keyed by qualified name and line) keeps the two compilations apart.
 # ==============================================================================================
 
+# --- statistics out (serial, per call) ---------------------------------------------------------
+
+@njit(**SERIAL)
+def finish_moments(mean, m2, count, eps, mean_o, var_o, rstd_o, rstd64):
+    """The statistics a forward returns, from float64 ``(mean, M2)`` over ``count`` values each:
+    ``mean_o``, ``var_o = M2 / count`` (biased) and ``rstd_o = 1 / sqrt(var + eps)`` in x's dtype,
+    and rstd in float64 into ``rstd64``. An output of size 0 is skipped; ``count == 0`` gives NaN.
+    Given statistics (inference) pass ``m2 = var``, ``count = 1``."""
+    for i in range(mean.size):
+        if count > 0:
+            mu = mean[i]
+            v = m2[i] / count
+        else:
+            mu = np.nan
+            v = np.nan
+        r = 1.0 / np.sqrt(v + eps)
+        if mean_o.size:
+            mean_o[i] = mu
+        if var_o.size:
+            var_o[i] = v
+        if rstd_o.size:
+            rstd_o[i] = r
+        if rstd64.size:
+            rstd64[i] = r
+
+
+@njit(**SERIAL)
+def merge_planes(rmean, rm2, N, C, inner, mean64, m2_64):
+    """BatchNorm over ``(n, c)`` planes of ``inner`` values each: the per-plane ``(mean, M2)``
+    (``rmean[n * C + c]``) merged per channel (equal counts: the mean of the plane means, and
+    ``M2 = sum M2_n + inner * sum (mean_n - mean)^2``)."""
+    for c in range(C):
+        s = 0.0
+        for n in range(N):
+            s += rmean[n * C + c]
+        mu = s / N
+        m2 = 0.0
+        dev = 0.0
+        for n in range(N):
+            m2 += rm2[n * C + c]
+            d = rmean[n * C + c] - mu
+            dev += d * d
+        mean64[c] = mu
+        m2_64[c] = m2 + inner * dev
+
+
 class KernelSet:
     """The top-level kernels of one kind (``PARALLEL_KERNELS`` or ``SERIAL_KERNELS``)."""
 

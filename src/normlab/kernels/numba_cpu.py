@@ -97,6 +97,7 @@ BN_ROW_MIN_INNER = 32
 #: result is the same on either side of this bound (tested).
 SERIAL_BELOW = 1 << 19
 _DUMMY = np.zeros(1)
+_EMPTY = np.zeros(0)          # an output the kernel skips (size 0)
 _SCRATCH = threading.local()
 
 
@@ -265,10 +266,6 @@ def _spatial(xp, phys_cl):
     return math.prod(xp.shape[1:-1] if phys_cl else xp.shape[2:])
 
 
-def _rstd(var, eps):
-    return 1.0 / np.sqrt(var + eps)
-
-
 # --- BatchNorm -------------------------------------------------------------------------------
 
 @_grain
@@ -292,6 +289,8 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
     w = _vec(call, weight, C, "weight", 1.0)
     b = _vec(call, bias, C, "bias", 0.0)
     training = mean is None
+    dt = xp.dtype
+    mean_o, var_o, rstd_o = np.empty(C, dt), np.empty(C, dt), np.empty(C, dt)   # as returned
     if training:
         _checks.check_values_per_channel(count, x.shape, "batch_norm")
     else:
@@ -299,8 +298,9 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
         var64 = _vec(call, var, C, "var", 1.0)
         if var64.min(initial=0.0) < 0:
             raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
-        rstd64 = _rstd(var64, eps)
-    y = _pool.empty(xp.shape, xp.dtype)
+        rstd64 = np.empty(C)
+        _k.finish_moments(mean64, var64, 1, float(eps), mean_o, var_o, rstd_o, rstd64)
+    y = _pool.empty(xp.shape, dt)
     if xp.size:
         xf, yf = xp.reshape(-1), y.reshape(-1)
         if cl or inner < BN_ROW_MIN_INNER:
@@ -310,8 +310,7 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
                 mean64, m2 = np.empty(C), np.empty(C)
                 _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf,
                              mean64, m2, rc, kt, m, per_slab)
-                var64 = m2 / count
-                rstd64 = _rstd(var64, eps)
+                _k.finish_moments(mean64, m2, count, float(eps), mean_o, var_o, rstd_o, _EMPTY)
             else:
                 _col_forward(ks, xf, 1, R, K, gs, gs, w, b, eps, _k.APPLY, mean64, rstd64, yf,
                              _DUMMY, _DUMMY, rc, kt, m, per_slab)
@@ -322,15 +321,15 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
                 rmean, rm2 = np.empty(R), np.empty(R)
                 ks.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.STATS,
                                      _DUMMY, _DUMMY, yf, rmean, rm2)
-                rmean, rm2 = rmean.reshape(N, C), rm2.reshape(N, C)
-                mean64 = rmean.mean(axis=0)            # equal counts: Chan's merge of N planes
-                var64 = (rm2.sum(axis=0) + inner * ((rmean - mean64) ** 2).sum(axis=0)) / count
-                rstd64 = _rstd(var64, eps)
+                mean64, m2, rstd64 = np.empty(C), np.empty(C), np.empty(C)
+                _k.merge_planes(rmean, rm2, N, C, inner, mean64, m2)
+                _k.finish_moments(mean64, m2, count, float(eps), mean_o, var_o, rstd_o, rstd64)
             ks.row_seg_forward(xf, R, 1, inner, C, T, per, w, b, float(eps), _k.APPLY,
                                  mean64, rstd64, yf, _DUMMY, _DUMMY)
     elif training:
-        mean64 = var64 = rstd64 = np.full(C, np.nan)
-    return call.out(A.restore(y, channels_last, swapped), mean64, var64, rstd64)
+        for a in (mean_o, var_o, rstd_o):
+            a.fill(np.nan)
+    return call.out(A.restore(y, channels_last, swapped), mean_o, var_o, rstd_o)
 
 
 @_grain
@@ -426,18 +425,24 @@ def _vec(call, v, C, name, fill):
     float64 array (``fill`` when None)."""
     if v is None:
         return _filled(C, np.float64, fill)
-    v = call.arr(v, name)
-    _checks.check_vector(v, C, name)
-    return np.ascontiguousarray(v, dtype=np.float64).reshape(C)
+    if type(v) is not np.ndarray:
+        v = call.arr(v, name)
+    if v.shape != (C,):
+        _checks.check_vector(v, C, name)
+    return v if v.dtype == np.float64 and v.flags.c_contiguous else v.astype(np.float64)
 
 
 def _row_param(call, v, shape, L, fill, name):
     """weight/bias as a contiguous (L,) array of x's dtype (``fill`` when None)."""
     if v is None:
         return _filled(L, call.dtype, fill)
-    v = call.arr(v, name)
-    _checks.check_param_shape(v, shape, name)
-    return np.ascontiguousarray(v, dtype=call.dtype).reshape(L)
+    if type(v) is not np.ndarray:
+        v = call.arr(v, name)
+    if v.shape != shape:
+        _checks.check_param_shape(v, shape, name)
+    if v.dtype != call.dtype or not v.flags.c_contiguous:
+        v = np.ascontiguousarray(v, dtype=call.dtype)
+    return v.reshape(L)
 
 
 def _row_setup(call, normalized_shape, weight, bias, what):
@@ -455,7 +460,7 @@ def _row_setup(call, normalized_shape, weight, bias, what):
 def _row_forward(ks, call, normalized_shape, weight, bias, eps, centered, what):
     xc, R, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
     y = _pool.empty(xc.shape, xc.dtype)
-    mean, rstd = np.empty(R), np.empty(R)
+    mean, rstd = np.empty(R, xc.dtype), np.empty(R, xc.dtype)     # as returned: x's dtype
     if R:
         T, per = _row_tasks(R, L)
         ks.row_elem_forward(xc.reshape(-1), R, L, T, per, w, b, float(eps), centered,
@@ -533,13 +538,15 @@ def rms_norm_backward(ks, dy, x, normalized_shape, weight, rstd, *, need_weight_
 
 # --- GroupNorm / InstanceNorm (row on channels-first, column on channels-last) ---------------
 
-def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, what):
-    """Shared by group_norm (G groups) and instance_norm (G = C): ``y, mean, var`` (N, G)."""
+def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, want_var):
+    """Shared by group_norm (G groups) and instance_norm (G = C): ``y, mean, var, rstd`` (N, G)
+    in x's dtype (``var`` empty unless ``want_var``)."""
     xp, cl, swapped = A.layout(x, channels_last)
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     gs = C // G
-    y = _pool.empty(xp.shape, xp.dtype)
+    dt = xp.dtype
+    y = _pool.empty(xp.shape, dt)
     mean, m2 = np.empty(N * G), np.empty(N * G)
     if xp.size:
         xf, yf = xp.reshape(-1), y.reshape(-1)
@@ -552,8 +559,11 @@ def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, what):
             T, per = _row_tasks(R, gs * inner)
             ks.row_seg_forward(xf, R, gs, inner, G, T, per, w, b, float(eps), _k.TRAIN,
                                  _DUMMY, _DUMMY, yf, mean, m2)
-    var = m2 / (gs * inner) if inner * gs else np.full(N * G, np.nan)
-    return A.restore(y, channels_last, swapped), mean.reshape(N, G), var.reshape(N, G)
+    mean_o, rstd_o = np.empty((N, G), dt), np.empty((N, G), dt)
+    var_o = np.empty((N, G) if want_var else 0, dt)
+    _k.finish_moments(mean, m2, gs * inner if xp.size else 0, float(eps), mean_o.reshape(-1),
+                      var_o.reshape(-1), rstd_o.reshape(-1), _EMPTY)
+    return A.restore(y, channels_last, swapped), mean_o, var_o, rstd_o
 
 
 def _grouped_backward(ks, call, dy, x, G, w, mean, rstd, channels_last, need_w, need_b):
@@ -597,9 +607,9 @@ def group_norm_forward(ks, x, num_groups, weight, bias, eps, *, channels_last=Fa
                               "(N, C, *spatial)")
     _checks.check_eps(eps)
     _checks.check_groups(num_groups, C)
-    y, mean, var = _grouped_forward(ks, call, call.x, int(num_groups), w, b, eps, channels_last,
-                                    "group_norm")
-    return call.out(y, mean, _rstd(var, eps))
+    y, mean, _, rstd = _grouped_forward(ks, call, call.x, int(num_groups), w, b, eps,
+                                        channels_last, False)
+    return call.out(y, mean, rstd)
 
 
 @_grain
@@ -637,8 +647,7 @@ def instance_norm_forward(ks, x, weight, bias, eps, *, channels_last=False):
                               "(N, C, *spatial) with at least one spatial dim")
     _checks.check_eps(eps)
     _instance_spatial_check(call.x, channels_last)
-    y, mean, var = _grouped_forward(ks, call, call.x, C, w, b, eps, channels_last, "instance_norm")
-    return call.out(y, mean, var, _rstd(var, eps))
+    return call.out(*_grouped_forward(ks, call, call.x, C, w, b, eps, channels_last, True))
 
 
 @_grain
