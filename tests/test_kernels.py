@@ -1,10 +1,10 @@
 """normlab.kernels: the fused numba kernels and the numpy backend against the float64 reference,
 zero-copy behaviour, large-offset float32 accuracy against torch's, and the backend registry.
 
-Compile time: the numba kernels are 6 functions x 2 dtypes. A session fixture compiles them
-first, in an order that depends on the pytest-xdist worker (gw0 float32 first, gw1 float64
-first), so that with ``-n 2`` each worker compiles about half and loads the other half from
-numba's on-disk cache. No timing is asserted anywhere.
+Compile time: the numba kernels are 8 functions x 2 dtypes, each in a parallel and a serial
+build. A session fixture compiles them first (``numba_cpu.compile_all``); under pytest-xdist the
+controller did that already (tests/conftest.py) and the workers load them from numba's on-disk
+cache. No timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -59,44 +59,11 @@ def to_cl(x):
     return np.ascontiguousarray(np.moveaxis(x, 1, -1))
 
 
-# --- compile once per worker, half each --------------------------------------------------------
-
-def _warm_calls(dtype):
-    rng = np.random.default_rng(0)
-    x4 = rng.standard_normal((2, 3, 7, 13)).astype(dtype)
-    xc = to_cl(x4)
-    x2 = rng.standard_normal((5, 9)).astype(dtype)
-    w = np.ones(3)
-
-    def row_elem():
-        y, m, r = NB.layer_norm_forward(x2, 9, None, None, EPS)
-        NB.layer_norm_backward(x2, x2, 9, None, m, r)
-
-    def row_seg():
-        y, m, r = NB.group_norm_forward(x4, 3, w, w, EPS)
-        NB.group_norm_backward(x4, x4, 3, w, m, r)
-
-    def col():
-        y, m, v, r = NB.batch_norm_forward(xc, w, w, EPS, channels_last=True)
-        NB.batch_norm_backward(xc, xc, w, m, r, channels_last=True)
-
-    def col_slabs():
-        xs = to_cl(rng.standard_normal((NB.COL_PER_SLAB_MIN, 3, 5)).astype(dtype))
-        y, m, v, r = NB.instance_norm_forward(xs, w, w, EPS, channels_last=True)
-        NB.instance_norm_backward(xs, xs, w, m, r, channels_last=True)
-
-    return [row_elem, row_seg, col, col_slabs]
-
+# --- compile first (loaded from numba's cache where the xdist controller compiled them) ------
 
 @pytest.fixture(scope="session", autouse=True)
 def _compiled_kernels():
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    order = [F32, F64]
-    calls = _warm_calls(order[0]) + _warm_calls(order[1])
-    if worker != "gw0" and int(worker[2:] or 0) % 2 == 1:
-        calls = calls[::-1]                       # the other worker starts at the other end
-    for call in calls:
-        call()
+    NB.compile_all()
 
 
 # --- BatchNorm ---------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import time
 import threading
 
 import numba
@@ -251,7 +252,9 @@ def _stat(call, v, shape, name):
     n = math.prod(shape)
     if v.size != n:
         raise ValueError(f"{name} must have {n} values (shape {tuple(shape)}), got shape {tuple(v.shape)}")
-    return np.ascontiguousarray(v, dtype=np.float64).reshape(n)
+    if v.dtype == np.float64 and v.flags.c_contiguous and v.flags.writeable:
+        return v.reshape(n)
+    return np.array(v, np.float64, order="C").reshape(n)   # writable (see _vec)
 
 
 def _want(flag, weight):
@@ -429,7 +432,9 @@ def _vec(call, v, C, name, fill):
         v = call.arr(v, name)
     if v.shape != (C,):
         _checks.check_vector(v, C, name)
-    return v if v.dtype == np.float64 and v.flags.c_contiguous else v.astype(np.float64)
+    if v.dtype == np.float64 and v.flags.c_contiguous and v.flags.writeable:
+        return v
+    return np.array(v, np.float64)     # a writable copy: a read-only array is another numba type
 
 
 def _row_param(call, v, shape, L, fill, name):
@@ -440,8 +445,8 @@ def _row_param(call, v, shape, L, fill, name):
         v = call.arr(v, name)
     if v.shape != shape:
         _checks.check_param_shape(v, shape, name)
-    if v.dtype != call.dtype or not v.flags.c_contiguous:
-        v = np.ascontiguousarray(v, dtype=call.dtype)
+    if v.dtype != call.dtype or not v.flags.c_contiguous or not v.flags.writeable:
+        v = np.array(v, call.dtype, order="C")   # writable: a read-only array is another numba type
     return v.reshape(L)
 
 
@@ -661,3 +666,38 @@ def instance_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False
     out = _grouped_backward(ks, call, dy, call.x, C, w, mean, rstd, channels_last,
                             _want(need_weight_grad, weight), _want(need_bias_grad, weight))
     return call.out(*out)
+
+
+# --- ahead-of-use compilation -----------------------------------------------------------------
+
+def compile_all(dtypes=(np.float32, np.float64)) -> float:
+    """Compile every numba kernel of this backend for ``dtypes``, the serial twins and the
+    parallel kernels, or load them from numba's on-disk cache; returns the seconds it took.
+
+    The first call of a kernel in a fresh environment compiles it (README, "Performance"); this
+    does all of it at once, e.g. in an image build step or before starting worker processes.
+    Worker processes that compile the same cache=True functions at the same moment can write
+    disagreeing cache entries (numba issues #10128, #10486); compiling here first, in one
+    process, leaves them only loading (the test suite does this before pytest-xdist starts).
+    """
+    t0 = time.perf_counter()
+    for dt in dtypes:
+        rng = np.random.default_rng(0)
+        x4 = rng.standard_normal((2, 3, 7, 13)).astype(dt)          # planes >= 32: row kernels
+        xc = np.ascontiguousarray(np.moveaxis(x4, 1, -1))            # channels-last: column
+        xs = rng.standard_normal((COL_PER_SLAB_MIN, 5, 3)).astype(dt)  # per-slab schedule
+        x2 = rng.standard_normal((5, 9)).astype(dt)
+        w, m3 = np.ones(3), np.zeros(3)
+        for ks in (_k.SERIAL_KERNELS, _k.PARALLEL_KERNELS):
+            f = {name: globals()[name].__wrapped__ for name in __all__}
+            y, m, r = f["layer_norm_forward"](ks, x2, 9, None, None, 1e-5)
+            f["layer_norm_backward"](ks, x2, x2, 9, None, m, r)
+            y, m, r = f["group_norm_forward"](ks, x4, 3, w, w, 1e-5)
+            f["group_norm_backward"](ks, x4, x4, 3, w, m, r)
+            for cl, xx in ((False, x4), (True, xc)):
+                y, m, v, r = f["batch_norm_forward"](ks, xx, w, w, 1e-5, channels_last=cl)
+                f["batch_norm_backward"](ks, xx, xx, w, m, r, channels_last=cl)
+                f["batch_norm_forward"](ks, xx, w, w, 1e-5, channels_last=cl, mean=m3, var=w)
+            y, m, v, r = f["instance_norm_forward"](ks, xs, w, w, 1e-5, channels_last=True)
+            f["instance_norm_backward"](ks, xs, xs, w, m, r, channels_last=True)
+    return time.perf_counter() - t0
