@@ -35,12 +35,10 @@ def compile_numba_kernels():
     import numpy as np
     import torch
 
-    from normlab.kernels import numba_cpu
+    from normlab.kernels import _numba_rnn, numba_cpu
     from normlab.nn import LayerNormLSTM
 
     numba_cpu.compile_all()
-    from normlab.kernels import _numba_rnn
-
     for dt in (np.float32, np.float64):
         _numba_rnn.sigmoid_tanh(np.zeros(4, dt), np.empty(4, dt), np.empty(4, dt))
     for dtype in (torch.float32, torch.float64):

@@ -9,7 +9,6 @@ cache. No timing is asserted anywhere.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import numpy as np
