@@ -252,9 +252,15 @@ def _stat(call, v, shape, name):
     n = math.prod(shape)
     if v.size != n:
         raise ValueError(f"{name} must have {n} values (shape {tuple(shape)}), got shape {tuple(v.shape)}")
-    if v.dtype == np.float64 and v.flags.c_contiguous and v.flags.writeable:
-        return v.reshape(n)
-    return np.array(v, np.float64, order="C").reshape(n)   # writable (see _vec)
+    return _kernel_array(v, np.float64).reshape(n)
+
+
+def _kernel_array(v: np.ndarray, dtype) -> np.ndarray:
+    """``v`` itself when it is a C-contiguous, writable array of ``dtype``, else such a copy. A
+    read-only array is another numba type: passed as is, it would compile every kernel again."""
+    if v.dtype == dtype and v.flags.c_contiguous and v.flags.writeable:
+        return v
+    return np.array(v, dtype, order="C")
 
 
 def _want(flag, weight):
@@ -432,9 +438,7 @@ def _vec(call, v, C, name, fill):
         v = call.arr(v, name)
     if v.shape != (C,):
         _checks.check_vector(v, C, name)
-    if v.dtype == np.float64 and v.flags.c_contiguous and v.flags.writeable:
-        return v
-    return np.array(v, np.float64)     # a writable copy: a read-only array is another numba type
+    return _kernel_array(v, np.float64)
 
 
 def _row_param(call, v, shape, L, fill, name):
@@ -445,9 +449,7 @@ def _row_param(call, v, shape, L, fill, name):
         v = call.arr(v, name)
     if v.shape != shape:
         _checks.check_param_shape(v, shape, name)
-    if v.dtype != call.dtype or not v.flags.c_contiguous or not v.flags.writeable:
-        v = np.array(v, call.dtype, order="C")   # writable: a read-only array is another numba type
-    return v.reshape(L)
+    return _kernel_array(v, call.dtype).reshape(L)
 
 
 def _row_setup(call, normalized_shape, weight, bias, what):
