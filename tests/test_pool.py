@@ -52,6 +52,21 @@ def test_idle_memory_is_reused_and_memory_in_use_never_is():
         del keep, y
 
 
+def test_the_most_recently_used_idle_buffer_is_handed_out():
+    """Of several idle buffers, the one handed out last comes back first: it is the one most
+    likely still in cache (with the least recently used first, a loop alternated between two
+    buffers once two outputs had been alive together)."""
+    a, b, c = (P.empty(SHAPE, np.float32) for _ in range(3))
+    order = [_addr(a), _addr(b), _addr(c)]
+    del a, b, c
+    for _ in range(3):                                       # a loop with one output at a time
+        y = P.empty(SHAPE, np.float32)
+        assert _addr(y) == order[-1]
+        del y
+    y1, y2 = P.empty(SHAPE, np.float32), P.empty(SHAPE, np.float32)
+    assert (_addr(y1), _addr(y2)) == (order[-1], order[-2])
+
+
 def test_other_dtypes_and_sizes_share_nothing_they_should_not():
     a = P.empty(SHAPE, np.float32)
     addr = _addr(a)

@@ -434,24 +434,35 @@ def row_seg_forward(x, R, S, Ls, P, T, per, w, b, eps, mode, t_mean, t_rstd, y, 
     ``r % P``.
     """
     L = S * Ls
+    nc = P * S if mode == APPLY else 0
+    c_mh = np.empty(nc, x.dtype)               # APPLY: the seg_affine of each channel, once
+    c_a = np.empty(nc, x.dtype)
+    c_c = np.empty(nc, x.dtype)
+    for c in range(nc):
+        c_mh[c], c_a[c], c_c[c] = seg_affine(x, t_mean[c // S], t_rstd[c // S], w[c], b[c])
     for it in prange(T):
         t = np.int64(it)
-        for r in range(t * per, min(R, (t + 1) * per)):
+        r0 = t * per
+        p = r0 % P                              # r % P, kept up to date without a division
+        for r in range(r0, min(R, r0 + per)):
             s0 = r * L
-            p = r % P
             if mode == APPLY:
-                mean = t_mean[p]
-                rstd = t_rstd[p]
+                for s in range(S):
+                    c = p * S + s
+                    apply_seg(x, y, s0 + s * Ls, Ls, c_mh[c], c_a[c], c_c[c])
             else:
                 mean, m2 = row_moments(x, s0, L)
                 mean_out[r] = mean
                 m2_out[r] = m2
-                rstd = 1.0 / np.sqrt(m2 / L + eps)
-            if mode != STATS:
-                for s in range(S):
-                    c = p * S + s
-                    mh, a, cc = seg_affine(x, mean, rstd, w[c], b[c])
-                    apply_seg(x, y, s0 + s * Ls, Ls, mh, a, cc)
+                if mode == TRAIN:
+                    rstd = 1.0 / np.sqrt(m2 / L + eps)
+                    for s in range(S):
+                        c = p * S + s
+                        mh, a, cc = seg_affine(x, mean, rstd, w[c], b[c])
+                        apply_seg(x, y, s0 + s * Ls, Ls, mh, a, cc)
+            p += 1
+            if p == P:
+                p = 0
 
 
 @njit(**PARALLEL)

@@ -56,8 +56,12 @@ def _cap_bytes() -> int:
 
 
 def _take(size: int):
-    """An idle pool buffer of exactly ``size`` bytes, marked most recently used, or None."""
-    for i in range(len(_BUFS)):
+    """An idle pool buffer of exactly ``size`` bytes, marked most recently used, or None.
+
+    The most recently used idle buffer is taken: it is the one most likely still in cache
+    (a loop whose outputs fit in L3 then writes into the same warm memory every call).
+    """
+    for i in range(len(_BUFS) - 1, -1, -1):
         buf = _BUFS[i]
         if buf.size == size and sys.getrefcount(buf) <= _IDLE_REFS:
             _BUFS.append(_BUFS.pop(i))
