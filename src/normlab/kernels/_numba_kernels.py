@@ -1058,6 +1058,32 @@ def merge_planes(rmean, rm2, N, C, inner, mean64, m2_64):
         m2_64[c] = m2 + inner * dev
 
 
+@njit(cache=True, nogil=True, error_model="numpy")      # no fastmath: NumPy's rounding
+def fold_running(run_mean, run_var, mean, var, corr, f, check, nbt):
+    """Running statistics update of batch norm, in place, in the arrays' dtype:
+    ``run = run * (1 - f) + batch * f`` with ``batch`` the ``mean``, or ``var * corr`` (the
+    unbiased variance). Each product and sum is rounded to the dtype, as the same NumPy
+    expressions round them (no contraction into a fused multiply-add). ``check``: when some
+    channel's mean or unbiased variance is not finite, nothing is changed and False is
+    returned. A size-0 ``run_mean``/``run_var`` is skipped; ``nbt`` (size 0 or 1, int64) is
+    incremented when the batch is folded in."""
+    dt = mean.dtype.type
+    c1 = dt(corr)
+    if check:
+        for c in range(mean.size):
+            if not (np.isfinite(mean[c]) and np.isfinite(var[c] * c1)):
+                return False
+    keep = dt(1.0 - f)
+    fd = dt(f)
+    for c in range(run_mean.size):
+        run_mean[c] = run_mean[c] * keep + mean[c] * fd
+    for c in range(run_var.size):
+        run_var[c] = run_var[c] * keep + (var[c] * c1) * fd
+    for i in range(nbt.size):
+        nbt[i] += 1
+    return True
+
+
 class KernelSet:
     """The top-level kernels of one kind (``PARALLEL_KERNELS`` or ``SERIAL_KERNELS``)."""
 

@@ -702,4 +702,6 @@ def compile_all(dtypes=(np.float32, np.float64)) -> float:
                 f["batch_norm_forward"](ks, xx, w, w, 1e-5, channels_last=cl, mean=m3, var=w)
             y, m, v, r = f["instance_norm_forward"](ks, xs, w, w, 1e-5, channels_last=True)
             f["instance_norm_backward"](ks, xs, xs, w, m, r, channels_last=True)
+        v3 = np.ones(3, dt)                                  # nn.functional's running update
+        _k.fold_running(v3.copy(), v3.copy(), v3, v3, 1.0, 0.1, True, np.zeros(1, np.int64))
     return time.perf_counter() - t0
