@@ -166,14 +166,13 @@ def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_ba
     from ..kernels._numba_kernels import fold_running
 
     none = np.empty(0, np.float32 if dt == torch.float32 else np.float64)
+    corr = count / max(count - 1, 1)             # biased -> unbiased variance
+    nbt = _NO_COUNT if num_batches_tracked is None else num_batches_tracked.numpy().reshape(1)
     ok = fold_running(none if running_mean is None else running_mean.numpy(),
                       none if running_var is None else running_var.numpy(),
-                      mean.numpy(), var.numpy(), count / max(count - 1, 1), f,
-                      policy != "propagate",
-                      _NO_COUNT if num_batches_tracked is None else num_batches_tracked.numpy().reshape(1))
+                      mean.numpy(), var.numpy(), corr, f, policy != "propagate", nbt)
     if not ok:
-        u = var.numpy() * (count / max(count - 1, 1))
-        bad = ~(np.isfinite(mean.numpy()) & np.isfinite(u))
+        bad = ~(np.isfinite(mean.numpy()) & np.isfinite(var.numpy() * corr))
         _checks.nonfinite_found(owner, policy, np.flatnonzero(bad).tolist())
         return True
     increment_version([t for t in (running_mean, running_var, num_batches_tracked) if t is not None])
