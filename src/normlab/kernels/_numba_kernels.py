@@ -22,7 +22,8 @@ convert exactly). Moments are taken per cache-sized block and blocks merge with 
 
 Within a block, one sweep sums ``d = x - s`` and ``d^2`` about a *shift* ``s``, the mean of the
 block's first few values (per column for the column kernels, whose chunks wider than
-``SWEEP_LANES_MAX`` lanes stay two-pass): ``mean = s + sum(d) / n``,
+``SWEEP_LANES_MAX`` lanes stay two-pass; rows shorter than ``SWEEP_ROW_MIN`` values are always
+two-pass, see there): ``mean = s + sum(d) / n``,
 ``M2 = sum(d^2) - sum(d)^2 / n``. The subtraction loses ``log2(sum(d^2) / M2)`` bits, a fraction
 of one when ``s`` is near the block's mean, however large the common offset (mean 1e4, std 1
 loses nothing). A block (a column of a chunk) whose shift lies far out (``M2 < sum(d^2) / 16``,
@@ -80,6 +81,12 @@ SHIFT_FROM = 4
 #: two-pass, which measured faster there (pass 1 alone, float32, 2 threads: 1.1-1.5x faster
 #: with the sweep at 64-512 lanes, 0.6-0.7x at 1024 and 2048 lanes)
 SWEEP_LANES_MAX = 512
+#: row kernels: rows shorter than this take the two-pass moments (sum, then squared deviations,
+#: the second pass from L1), which measured faster than the one sweep there and slower above
+#: (moments alone, float32, one thread, rows x values: 2048x64 20 against 66 us, 8192x49 191
+#: against 306, 512x196 18 against 27, 16384x512 1845 against 2468; 8192x1024 2582 against
+#: 1937, 2048x4096 2138 against 1281)
+SWEEP_ROW_MIN = 1024
 
 SERIAL = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 PARALLEL = dict(SERIAL, parallel=True)
@@ -210,7 +217,11 @@ def block_moments(x, start, n):
 
 @njit(**SERIAL)
 def row_moments(x, start, n):
-    """``(mean, M2)`` of ``x[start:start+n]``: ``block_moments`` per BLOCK, merged with Chan."""
+    """``(mean, M2)`` of ``x[start:start+n]``: two-pass below ``SWEEP_ROW_MIN`` values, else
+    ``block_moments`` per BLOCK, merged with Chan."""
+    if n < SWEEP_ROW_MIN:
+        mean = row_sum(x, start, n) / n
+        return mean, row_dev2(x, start, n, mean)
     mean = 0.0
     m2 = 0.0
     cnt = 0
