@@ -1070,6 +1070,37 @@ def merge_planes(rmean, rm2, N, C, inner, mean64, m2_64):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")      # no fastmath: NumPy's rounding
+def merge_bwd_planes(sdy, sdyxm, sxm, N, C, count, training, w, mean, rstd, dweight, dbias, mu,
+                     mg, mgx):
+    """BatchNorm backward over ``(n, c)`` planes, between the SUMS and the APPLY pass of
+    ``row_seg_backward``: the per-plane sums (index ``n * C + c``) summed per channel in plane
+    order, then ``dweight = rstd * (sum dy (x - mean) - delta * sum dy)``, ``dbias = sum dy``
+    and the APPLY inputs ``mu = mean + delta``, ``mg = w * sum dy / count``, ``mgx = w *
+    dweight / count``, with ``delta = sum (x - mean) / count`` the mean refinement in training
+    (with given statistics: ``delta = 0``, ``mu = mean``, ``mg = mgx = 0``)."""
+    for c in range(C):
+        a = 0.0
+        b = 0.0
+        d = 0.0
+        for n in range(N):
+            a += sdy[n * C + c]
+            b += sdyxm[n * C + c]
+            d += sxm[n * C + c]
+        delta = d / count if training else 0.0
+        dw = rstd[c] * (b - delta * a)
+        dweight[c] = dw
+        dbias[c] = a
+        if training:
+            mu[c] = mean[c] + delta
+            mg[c] = w[c] * a / count
+            mgx[c] = w[c] * dw / count
+        else:
+            mu[c] = mean[c]
+            mg[c] = 0.0
+            mgx[c] = 0.0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")      # no fastmath: NumPy's rounding
 def fold_running(run_mean, run_var, mean, var, corr, f, check, nbt):
     """Running statistics update of batch norm, in place, in the arrays' dtype:
     ``run = run * (1 - f) + batch * f`` with ``batch`` the ``mean``, or ``var * corr`` (the

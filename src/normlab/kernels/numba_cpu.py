@@ -380,20 +380,16 @@ def batch_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False, t
         else:
             R = N * C
             T, per = _row_tasks(R, inner)
-            mu, mg, mgx = mean64, np.zeros(C), np.zeros(C)
             if sums:
                 sdy, sdyxm, sxm = np.empty(R), np.empty(R), np.empty(R)
                 ks.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mean64, rstd64, _k.SUMS,
                                       _DUMMY, _DUMMY, dxf, sdy, sdyxm, sxm)
-                sdy = sdy.reshape(N, C).sum(axis=0)
-                sdyxm = sdyxm.reshape(N, C).sum(axis=0)
-                delta = sxm.reshape(N, C).sum(axis=0) / count if training else np.zeros(C)
-                dweight = rstd64 * (sdyxm - delta * sdy)           # sum dy * xhat
-                dbias = sdy
-                if training:
-                    mu = mean64 + delta
-                    mg = w * sdy / count
-                    mgx = w * dweight / count
+                dweight, dbias = np.empty(C), np.empty(C)          # sum dy * xhat, sum dy
+                mu, mg, mgx = np.empty(C), np.empty(C), np.empty(C)
+                _k.merge_bwd_planes(sdy, sdyxm, sxm, N, C, count, bool(training), w, mean64,
+                                    rstd64, dweight, dbias, mu, mg, mgx)
+            else:
+                mu, mg, mgx = mean64, np.zeros(C), np.zeros(C)
             ks.row_seg_backward(dyf, xf, R, 1, inner, C, T, per, w, mu, rstd64, _k.APPLY,
                                   mg, mgx, dxf, _DUMMY, _DUMMY, _DUMMY)
     elif need_w or need_b:
