@@ -217,11 +217,14 @@ def block_moments(x, start, n):
 
 @njit(**SERIAL)
 def row_moments(x, start, n):
-    """``(mean, M2)`` of ``x[start:start+n]``: two-pass below ``SWEEP_ROW_MIN`` values, else
-    ``block_moments`` per BLOCK, merged with Chan."""
-    if n < SWEEP_ROW_MIN:
-        mean = row_sum(x, start, n) / n
-        return mean, row_dev2(x, start, n, mean)
+    """``(mean, M2)`` of ``x[start:start+n]``: ``block_moments`` per BLOCK, merged with Chan.
+
+    Callers take the two-pass moments (``row_sum``, then ``row_dev2``) instead for rows shorter
+    than ``SWEEP_ROW_MIN``, written out at the call site: the test there is loop-invariant and
+    the row loop compiles once per branch. The same test inside this function, or the two-pass
+    as a function returning ``(mean, M2)``, measured 1.4-2x slower on short rows (2048 rows of
+    64 values: 60 and 45 us against 35 us).
+    """
     mean = 0.0
     m2 = 0.0
     cnt = 0
@@ -367,7 +370,11 @@ def row_elem_forward(x, R, L, T, per, w, b, eps, centered, y, mean_out, rstd_out
         for r in range(t * per, min(R, (t + 1) * per)):
             s = r * L
             if centered:
-                mean, m2 = row_moments(x, s, L)
+                if L < SWEEP_ROW_MIN:
+                    mean = row_sum(x, s, L) / L
+                    m2 = row_dev2(x, s, L, mean)
+                else:
+                    mean, m2 = row_moments(x, s, L)
             else:
                 mean = 0.0
                 m2 = row_sumsq(x, s, L)
@@ -462,7 +469,11 @@ def row_seg_forward(x, R, S, Ls, P, T, per, w, b, eps, mode, t_mean, t_rstd, y, 
                     c = p * S + s
                     apply_seg(x, y, s0 + s * Ls, Ls, c_mh[c], c_a[c], c_c[c])
             else:
-                mean, m2 = row_moments(x, s0, L)
+                if L < SWEEP_ROW_MIN:
+                    mean = row_sum(x, s0, L) / L
+                    m2 = row_dev2(x, s0, L, mean)
+                else:
+                    mean, m2 = row_moments(x, s0, L)
                 mean_out[r] = mean
                 m2_out[r] = m2
                 if mode == TRAIN:
