@@ -15,8 +15,8 @@ Contract (same on every backend):
   result arrays with ``torch.from_numpy``). Parameters and statistics may be either.
 * ``y``, ``dx`` and the returned statistics have x's dtype; ``dweight``/``dbias`` too.
   Statistics accumulate in float64 (per cache block: one sweep about a shift, two-pass where
-  that is ill-conditioned; Chan merges), so float32 data with a large offset keeps full float32
-  accuracy.
+  that is ill-conditioned and for rows shorter than 1024 values; Chan merges), so float32 data
+  with a large offset keeps full float32 accuracy.
 * float32 and float64 only; anything else raises ``TypeError`` naming the dtype and the fix.
   ``dy`` of another floating dtype is cast to x's dtype.
 * Non-contiguous input: made contiguous in the nearest layout (see ``_arrays``); an
