@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from normlab import reference as R
+from normlab.reference.moments import summarize
 from normlab import kernels
 from normlab.kernels import _arrays, get_backend
 
@@ -718,3 +719,25 @@ def test_register_backend_adds_a_device_default(clean_env):
     kernels.register_backend("fake", lambda: NP, devices=("cuda",), default_for=("cuda",))
     assert get_backend(device="cuda").name == "fake"
     assert get_backend(device="cpu").name == "numba"
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 5), (4097, 3), (300, 1100), (20000, 16)])
+def test_column_moments_match_the_reference_and_agree_across_dtypes(shape):
+    """``numba_cpu.column_moments`` (the estimators' statistics): the reference's float64 mean
+    and M2 per column, the same bits for float32 data and its float64 copy, non-finite for a
+    column holding NaN, and a read-only input is taken as it is."""
+    x32 = data(shape, F32, offset=1e4)
+    x64 = x32.astype(F64)
+    n, m, m2 = summarize(x64, axes=(0,))
+    for x in (x32, x64):
+        mean, M2 = NB.column_moments(x)
+        assert mean.dtype == M2.dtype == F64 and mean.shape == M2.shape == (shape[1],)
+        np.testing.assert_allclose(mean, m, rtol=1e-15)
+        np.testing.assert_allclose(M2, m2, rtol=1e-11, atol=1e-11 * shape[0])
+    a, b = NB.column_moments(x32), NB.column_moments(x64)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    ro = x64.copy()
+    ro[0, -1] = np.nan
+    ro.flags.writeable = False
+    mean, M2 = NB.column_moments(ro)
+    assert np.isnan(mean[-1]) and np.isnan(M2[-1]) and np.isfinite(mean[:-1]).all()

@@ -120,9 +120,26 @@ def _reject_sparse(X) -> None:
 def _nan_summary(X: np.ndarray):
     """Per-feature ``(count, mean, M2)`` of a 2-D batch over its rows, NaN ignored, in float64.
 
+    float32/float64 batches without NaN or inf take the kernel backend's ``column_moments``
+    when it has one (the numba backend: one parallel read, blockwise float64 moments merged
+    with Chan's formula); everything else, and any batch where that gives a non-finite value,
+    the two-pass NumPy code below.
+
     Returns ``count`` as an int64 array of shape ``(n_features,)``; features without any value
     get ``(0, 0, 0)``, the neutral element of ``chan_merge``.
     """
+    if X.dtype in (np.float32, np.float64) and X.shape[0]:
+        # the backend's column statistics where it has them (numba: one parallel read of X);
+        # a column with NaN or inf comes out non-finite and takes the NumPy path below
+        try:
+            impl = kernels.get_backend(None, device="cpu", dtype=X.dtype).impl
+        except ValueError:       # a $NORMLAB_BACKEND that cannot run here: transform will say so
+            impl = None
+        moments = getattr(impl, "column_moments", None)
+        if moments is not None:
+            mean, m2 = moments(X)
+            if np.isfinite(mean).all() and np.isfinite(m2).all():
+                return np.full(X.shape[1], X.shape[0], dtype=np.int64), mean, m2
     nan = np.isnan(X)                                       # (n, d)
     if not nan.any():
         count, mean, m2 = summarize(X, axes=(0,))           # two-pass, float64

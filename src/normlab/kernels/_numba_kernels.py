@@ -352,7 +352,7 @@ def dx_seg(dy, x, dx, start, n, mh, ml, ws, mg, q, rs):
 # ``x - mean``, which gives the exact batch mean ``mu = mean + sum(x - mean) / L`` at no extra
 # pass, and ``sum(g (x - mu)) = sum(g (x - mean)) - (mu - mean) sum(g)``; pass 2 centres at ``mu``.
 # ==============================================================================================
-# modes: row_seg_forward and col_forward_* take TRAIN, STATS (row only) or APPLY;
+# modes: row_seg_forward and col_forward_* take TRAIN, STATS (statistics only) or APPLY;
 # row_seg_backward takes FUSED, SUMS or APPLY
 TRAIN, STATS, APPLY = 0, 1, 2
 FUSED, SUMS = 0, 1
@@ -696,7 +696,7 @@ def merge_tile(x, b, j, R, K, gs, wd, Tr, rc, kt, w, bias, eps, mode, pm, pm2, q
     kw = min(kt, K - k0)
     mean = pm[q0 + k0:q0 + k0 + kw]
     m2 = pm2[q0 + k0:q0 + k0 + kw]
-    if mode == TRAIN:
+    if mode != APPLY:
         cnt = min(rc, R)
         for t in range(1, Tr):
             nt = min(rc, R - t * rc)
@@ -713,7 +713,7 @@ def merge_tile(x, b, j, R, K, gs, wd, Tr, rc, kt, w, bias, eps, mode, pm, pm2, q
             cnt = tot
     for g in range(k0 // gs, (k0 + kw) // gs):
         q = b * G + g
-        if mode == TRAIN:
+        if mode != APPLY:
             gm = 0.0
             for k in range(g * gs - k0, (g + 1) * gs - k0):
                 gm += mean[k]
@@ -770,7 +770,8 @@ def col_forward_slabs(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, me
     """Column forward. w, b: (K // wd,) float64.
 
     mode TRAIN: statistics from x; mean_out, m2_out: (B * G,) float64 (M2 = sum of squared
-    deviations over R * gs values). mode APPLY: statistics given as t_mean, t_rstd (B * G,).
+    deviations over R * gs values). mode STATS: those statistics only (y is not written).
+    mode APPLY: statistics given as t_mean, t_rstd (B * G,).
 
     One task per slab (``per_slab`` scheduling); no work buffer.
     """
@@ -779,20 +780,21 @@ def col_forward_slabs(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, me
     zero = Tr - Tr          # an int64 0 (a literal 0 would compile another specialization)
     for ib in prange(B):
         bb = np.int64(ib)
-        pm = np.empty(Tr * K if mode == TRAIN else 0)
-        pm2 = np.empty(Tr * K if mode == TRAIN else 0)
+        pm = np.empty(Tr * K if mode != APPLY else 0)
+        pm2 = np.empty(Tr * K if mode != APPLY else 0)
         th = np.empty(K, dtype=x.dtype)
         ta = np.empty(K, dtype=x.dtype)
         tc = np.empty(K, dtype=x.dtype)
-        if mode == TRAIN:
+        if mode != APPLY:
             for t in range(Tr):
                 for j in range(Tk):
                     chunk_moments(x, bb, t, j, R, K, rc, kt, m, pm, pm2, t * K + j * kt)
         for j in range(Tk):
             merge_tile(x, bb, j, R, K, gs, wd, Tr, rc, kt, w, b, eps, mode, pm, pm2, zero,
                        t_mean, t_rstd, mean_out, m2_out, th, ta, tc, zero)
-        for t in range(Tr):
-            apply_rows(x, y, bb, t, R, K, rc, m, th, ta, tc, zero)
+        if mode != STATS:
+            for t in range(Tr):
+                apply_rows(x, y, bb, t, R, K, rc, m, th, ta, tc, zero)
 
 
 @njit(**PARALLEL)
@@ -801,19 +803,20 @@ def col_forward_chunks(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, m
     """Column forward. w, b: (K // wd,) float64.
 
     mode TRAIN: statistics from x; mean_out, m2_out: (B * G,) float64 (M2 = sum of squared
-    deviations over R * gs values). mode APPLY: statistics given as t_mean, t_rstd (B * G,).
+    deviations over R * gs values). mode STATS: those statistics only (y is not written).
+    mode APPLY: statistics given as t_mean, t_rstd (B * G,).
 
-    Chunked scheduling; ``work``: float64 buffer of 2 * B * Tr * K values (TRAIN).
+    Chunked scheduling; ``work``: float64 buffer of 2 * B * Tr * K values (TRAIN, STATS).
     """
     Tr = (R + rc - 1) // rc
     Tk = (K + kt - 1) // kt
-    npart = B * Tr * K if mode == TRAIN else 0
+    npart = B * Tr * K if mode != APPLY else 0
     pm = work[:npart]                 # chunk partials: caller's reusable buffer (2 * npart)
     pm2 = work[npart:2 * npart]
     th = np.empty(B * K, dtype=x.dtype)
     ta = np.empty(B * K, dtype=x.dtype)
     tc = np.empty(B * K, dtype=x.dtype)
-    if mode == TRAIN:
+    if mode != APPLY:
         for itask in prange(B * Tr * Tk):
             task = np.int64(itask)
             bb = task // (Tr * Tk)
@@ -824,7 +827,7 @@ def col_forward_chunks(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, m
         for j in range(Tk):
             merge_tile(x, bb, j, R, K, gs, wd, Tr, rc, kt, w, b, eps, mode, pm, pm2, bb * Tr * K,
                        t_mean, t_rstd, mean_out, m2_out, th, ta, tc, bb * K)
-    for itask in prange(B * Tr):
+    for itask in prange(B * Tr if mode != STATS else 0):
         task = np.int64(itask)
         bb = task // Tr
         t = task % Tr

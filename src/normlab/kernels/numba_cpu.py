@@ -192,7 +192,7 @@ def _col_forward(ks, x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, mea
         ks.col_forward_slabs(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
                              mean_out, m2_out, rc, kt, m)
     else:
-        work = _scratch(2 * B * ((R + rc - 1) // rc) * K if mode == _k.TRAIN else 0)
+        work = _scratch(2 * B * ((R + rc - 1) // rc) * K if mode != _k.APPLY else 0)
         ks.col_forward_chunks(x, B, R, K, gs, wd, w, b, float(eps), mode, t_mean, t_rstd, y,
                               mean_out, m2_out, rc, kt, m, work)
 
@@ -666,6 +666,37 @@ def instance_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False
     return call.out(*out)
 
 
+# --- column moments (not part of the kernel contract) ---------------------------------------
+
+@_grain
+def column_moments(ks, x):
+    """``(mean, M2)``: float64 ``(C,)`` moments of each column of a 2-D float32/float64 array
+    ``(N, C)`` (``M2`` = sum of squared deviations), by the column kernels' statistics pass
+    alone (one read of x; ``y`` is not computed). A column holding NaN or inf gives a non-finite
+    mean or M2. The chunking is that of float64 data for both dtypes, so float32 data and the
+    same values in float64 give bit-identical results. Used by ``normlab.estimators``.
+
+    A read-only array (e.g. a memory map) is copied first: read-only arrays are another numba
+    type, and passing one would compile the kernels again."""
+    x = np.ascontiguousarray(x)
+    if x.ndim != 2 or x.dtype not in A.KERNEL_DTYPES:
+        raise ValueError(f"column_moments takes a 2-D float32 or float64 array, got shape "
+                         f"{x.shape} and dtype {x.dtype}")
+    if not x.flags.writeable:
+        x = x.copy()
+    N, C = x.shape
+    mean, m2 = np.empty(C), np.empty(C)
+    if N == 0:
+        mean.fill(np.nan)
+        m2.fill(np.nan)
+        return mean, m2
+    rc, kt, m, per_slab = _col_params(1, N, C, 1, 8)
+    _col_forward(ks, x.reshape(-1), 1, N, C, 1, 1, _filled(C, np.float64, 1.0),
+                 _filled(C, np.float64, 0.0), 1.0, _k.STATS, _DUMMY, _DUMMY,
+                 _filled(0, x.dtype, 0.0), mean, m2, rc, kt, m, per_slab)   # y: not written
+    return mean, m2
+
+
 # --- ahead-of-use compilation -----------------------------------------------------------------
 
 def compile_all(dtypes=(np.float32, np.float64)) -> float:
@@ -698,6 +729,8 @@ def compile_all(dtypes=(np.float32, np.float64)) -> float:
                 f["batch_norm_forward"](ks, xx, w, w, 1e-5, channels_last=cl, mean=m3, var=w)
             y, m, v, r = f["instance_norm_forward"](ks, xs, w, w, 1e-5, channels_last=True)
             f["instance_norm_backward"](ks, xs, xs, w, m, r, channels_last=True)
+        for ks in (_k.SERIAL_KERNELS, _k.PARALLEL_KERNELS):  # the estimators' statistics
+            column_moments.__wrapped__(ks, x2)
         v3 = np.ones(3, dt)                                  # nn.functional's running update
         _k.fold_running(v3.copy(), v3.copy(), v3, v3, 1.0, 0.1, True, np.zeros(1, np.int64))
     return time.perf_counter() - t0
