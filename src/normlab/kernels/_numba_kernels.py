@@ -827,7 +827,8 @@ def col_forward_chunks(x, B, R, K, gs, wd, w, b, eps, mode, t_mean, t_rstd, y, m
         for j in range(Tk):
             merge_tile(x, bb, j, R, K, gs, wd, Tr, rc, kt, w, b, eps, mode, pm, pm2, bb * Tr * K,
                        t_mean, t_rstd, mean_out, m2_out, th, ta, tc, bb * K)
-    for itask in prange(B * Tr if mode != STATS else 0):
+    napply = B * Tr if mode != STATS else 0   # not inside prange(): that ran 1.5x slower
+    for itask in prange(napply):
         task = np.int64(itask)
         bb = task // Tr
         t = task % Tr
