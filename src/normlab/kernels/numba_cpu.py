@@ -678,12 +678,11 @@ def column_moments(ks, x):
 
     A read-only array (e.g. a memory map) is copied first: read-only arrays are another numba
     type, and passing one would compile the kernels again."""
-    x = np.ascontiguousarray(x)
+    x = np.asarray(x)
     if x.ndim != 2 or x.dtype not in A.KERNEL_DTYPES:
         raise ValueError(f"column_moments takes a 2-D float32 or float64 array, got shape "
                          f"{x.shape} and dtype {x.dtype}")
-    if not x.flags.writeable:
-        x = x.copy()
+    x = _kernel_array(x, x.dtype)
     N, C = x.shape
     mean, m2 = np.empty(C), np.empty(C)
     if N == 0:

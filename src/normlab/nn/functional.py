@@ -165,7 +165,7 @@ def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_ba
         return False
     from ..kernels._numba_kernels import fold_running
 
-    none = np.empty(0, np.float32 if dt == torch.float32 else np.float64)
+    none = _NO_STATS[dt]
     corr = count / max(count - 1, 1)             # biased -> unbiased variance
     nbt = _NO_COUNT if num_batches_tracked is None else num_batches_tracked.numpy().reshape(1)
     ok = fold_running(none if running_mean is None else running_mean.numpy(),
@@ -180,6 +180,7 @@ def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_ba
 
 
 _NO_COUNT = np.empty(0, np.int64)
+_NO_STATS = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
 @torch.no_grad()
