@@ -97,3 +97,8 @@ def test_cuda_bench_refuses_clearly_without_cuda(capsys):
 def test_gpu_dtypes_are_refused_on_cpu(capsys):
     assert bench.main(["--dtype", "bfloat16", "--list"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_peers_are_refused_on_cpu(capsys):
+    assert bench.main(["--peers", "eager", "--list"]) == 2
+    assert "--peers eager is for --device cuda" in capsys.readouterr().err

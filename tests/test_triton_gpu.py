@@ -108,3 +108,44 @@ def test_every_method_dtype_and_layout_on_the_gpu_matches_float64_torch():
                          text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert "failures: 0" in out.stdout
+
+
+# torch.compile on the GPU: the small CNN (both layouts) and transformer block of
+# test_nn_fused.py, on CUDA in float32 (TF32 off). aot_eager records that the normlab ops stay in
+# the forward and backward graphs (no graph break: fullgraph=True); inductor is the real compiler,
+# generating Triton for everything around our ops.
+GPU_COMPILE_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    import test_nn_fused as T
+    from normlab import kernels
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert kernels.get_backend(device="cuda", dtype=torch.float32).name == "triton"
+    for name, (make_model, make_input, ops) in T.MODELS.items():
+        to_gpu = lambda g, make=make_input: make(g).cuda()
+        torch.manual_seed(0)
+        graphs = []
+        T._compare_compiled(make_model().cuda(), to_gpu, T._recording_backend(graphs), tol=1e-5)
+        fw = set().union(*(t for kind, t in graphs if kind == "fw"))
+        bw = set().union(*(t for kind, t in graphs if kind == "bw"))
+        assert {f"normlab.{op}.default" for op in ops} <= fw, fw
+        assert {f"normlab.{op}_backward.default" for op in ops} <= bw, bw
+        print(name, "aot_eager ok", flush=True)
+        torch.manual_seed(0)
+        T._compare_compiled(make_model().cuda(), to_gpu, "inductor", tol=1e-4)
+        print(name, "inductor ok", flush=True)
+    print("compile checks: ok")
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_fullgraph_on_the_gpu_matches_eager():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", GPU_COMPILE_CHECK, tests], capture_output=True,
+                         text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "compile checks: ok" in out.stdout

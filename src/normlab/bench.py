@@ -575,20 +575,24 @@ def set_threads(n: int) -> dict:
 
 
 def _git_commit() -> str | None:
-    """The checkout's short commit, ``-dirty`` when files differ from it (read-only git calls)."""
+    """The checkout's short commit, ``-dirty`` when files differ from it (read-only git calls).
+
+    A copy of the tree without its ``.git`` (a machine the checkout was copied to) has no commit
+    to read: there ``NORMLAB_GIT_COMMIT``, if set, names it."""
+    told = os.environ.get("NORMLAB_GIT_COMMIT", "").strip() or None
     try:
         root = str(Path(__file__).resolve().parents[2])
         r = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                            capture_output=True, text=True, timeout=5)
         if r.returncode != 0 or not r.stdout.strip():
-            return None
+            return told
         d = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "src"],
                            capture_output=True, text=True, timeout=5)
         u = subprocess.run(["git", "-C", root, "ls-files", "--others", "--exclude-standard", "--", "src"],
                            capture_output=True, text=True, timeout=5)
         return r.stdout.strip() + ("-dirty" if d.stdout.strip() or u.stdout.strip() else "")
     except Exception:
-        return None
+        return told
 
 
 def machine_record(threads: dict, repeat: int, min_time: float) -> dict:
@@ -986,6 +990,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="normlab.kernels backend for 'ours' (default: the device's default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (cuda is reserved for the GPU suite)")
+    parser.add_argument("--peers", default=None, metavar="LIST",
+                        help="--device cuda: the implementations timed against ours, comma-separated "
+                             "from eager, compile, liger (default: all three; torch.compile "
+                             "compiles each case anew, so leave it out of long runs)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="timing samples per implementation and mode (default 5, --quick 3)")
     parser.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
@@ -1032,6 +1040,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype in ("bfloat16", "float16"):
         print(f"normlab bench: --dtype {args.dtype} is for --device cuda; the CPU suite takes "
               f"suite, float32, float64 or both", file=err)
+        return 2
+    if args.peers is not None:
+        print(f"normlab bench: --peers {args.peers} is for --device cuda; the CPU suite always "
+              f"times torch (and, for tabular cases, the tutorial code and StandardScaler)", file=err)
         return 2
     for opt in ("repeat", "threads"):
         v = getattr(args, opt)

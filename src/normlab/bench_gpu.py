@@ -262,7 +262,8 @@ def _liger(method: str):
         if method == "rms_norm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction as Fn
 
-            return lambda x, w, b, case: Fn.apply(x, w, EPS)
+            # in_place=False: Liger's default writes dx into dy, which the next timed call reuses
+            return lambda x, w, b, case: Fn.apply(x, w, EPS, 0.0, "llama", False)
         if method == "group_norm":
             from liger_kernel.ops.group_norm import LigerGroupNormFunction as Fn
 
@@ -483,6 +484,12 @@ def run(args) -> int:
     if not cases:
         print(f"normlab bench: no case matches --cases {args.cases!r}; see --list", file=err)
         return 2
+    peers = tuple(p.strip() for p in (args.peers or ",".join(PEERS)).split(",") if p.strip())
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown or not peers:
+        print(f"normlab bench: --peers {args.peers!r}: choose from {', '.join(PEERS)}, "
+              f"comma-separated", file=err)
+        return 2
     repeat = args.repeat or (5 if args.quick else 10)
     min_time = args.min_time or (0.01 if args.quick else 0.05)
     t0 = time.time()
@@ -493,7 +500,7 @@ def run(args) -> int:
     for case in cases:
         try:
             results.append(run_case(case, be, repeat=repeat, min_time=min_time,
-                                    copy_GBps=mach["copy_GBps"]))
+                                    copy_GBps=mach["copy_GBps"], peers=peers))
         except Exception as e:                                 # one case must not sink the run
             print(f"  {case.name}: ERROR {type(e).__name__}: {e}", file=err)
             results.append(dict(name=case.name, method=case.method, shape=list(case.shape),
@@ -505,11 +512,11 @@ def run(args) -> int:
     from normlab.bench import _git_commit
 
     mach["git_commit"] = _git_commit()
-    report = dict(schema="normlab-bench-cuda/1", device="cuda", created=_dt.datetime.now().isoformat(
-        timespec="seconds"), machine=mach, settings=dict(quick=args.quick, cases=args.cases,
-                                                          dtype=args.dtype, repeat=repeat,
-                                                          min_time=min_time),
-        results=results, wall_s=time.time() - t0)
+    settings = dict(quick=args.quick, cases=args.cases, dtype=args.dtype, peers=list(peers),
+                    repeat=repeat, min_time=min_time)
+    report = dict(schema="normlab-bench-cuda/1", device="cuda",
+                  created=_dt.datetime.now().isoformat(timespec="seconds"), machine=mach,
+                  settings=settings, results=results, wall_s=time.time() - t0)
     report["summary"] = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
