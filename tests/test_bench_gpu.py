@@ -99,6 +99,7 @@ def test_gpu_dtypes_are_refused_on_cpu(capsys):
     assert "--device cuda" in capsys.readouterr().err
 
 
-def test_peers_are_refused_on_cpu(capsys):
-    assert bench.main(["--peers", "eager", "--list"]) == 2
-    assert "--peers eager is for --device cuda" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", [["--peers", "eager"], ["--cuda-graphs"]], ids=["peers", "graphs"])
+def test_gpu_options_are_refused_on_cpu(flag, capsys):
+    assert bench.main(flag + ["--list"]) == 2
+    assert f"{flag[0]} is for --device cuda" in capsys.readouterr().err

@@ -994,6 +994,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="--device cuda: the implementations timed against ours, comma-separated "
                              "from eager, compile, liger (default: all three; torch.compile "
                              "compiles each case anew, so leave it out of long runs)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="--device cuda: time the replay of each call captured in a CUDA graph "
+                             "(the GPU's time alone, without host overhead; no compile peer)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="timing samples per implementation and mode (default 5, --quick 3)")
     parser.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
@@ -1041,10 +1044,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"normlab bench: --dtype {args.dtype} is for --device cuda; the CPU suite takes "
               f"suite, float32, float64 or both", file=err)
         return 2
-    if args.peers is not None:
-        print(f"normlab bench: --peers {args.peers} is for --device cuda; the CPU suite always "
-              f"times torch (and, for tabular cases, the tutorial code and StandardScaler)", file=err)
-        return 2
+    for flag, given in (("--peers", args.peers is not None), ("--cuda-graphs", args.cuda_graphs)):
+        if given:
+            print(f"normlab bench: {flag} is for --device cuda; the CPU suite always times torch "
+                  f"(and, for tabular cases, the tutorial code and StandardScaler)", file=err)
+            return 2
     for opt in ("repeat", "threads"):
         v = getattr(args, opt)
         if v is not None and v < 1:

@@ -189,6 +189,9 @@ def markdown(report: dict) -> str:
          f"{_f(m.get('copy_GBps'), '{:.0f}')} GB/s (dst.copy_(src), 256 MiB); "
          + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
          + f"; commit {m.get('git_commit')}.", "",
+         ("Every call was captured once in a CUDA graph and the replay timed: GPU time only, "
+          "no host overhead (--cuda-graphs). " if report.get("settings", {}).get("cuda_graphs")
+          else "") +
          "Times are medians of CUDA-event samples; GB/s counts 2 (fwd, eval), 3 (bwd) or "
          "5 (fwd+bwd) tensor passes; % copy is ours against the copy bandwidth of the same run; "
          "x peer = peer time / our time.", "",
@@ -241,6 +244,30 @@ def time_cuda(fn: Callable, repeat: int, min_time: float) -> dict:
     med = samples[len(samples) // 2]
     return dict(median_s=med, spread=(samples[-1] - samples[0]) / med if med else 0.0,
                 number=number)
+
+
+def time_cuda_graph(fn: Callable, repeat: int, min_time: float) -> dict:
+    """``time_cuda`` of the replay of a CUDA graph that captured one call of ``fn``.
+
+    The replay runs the captured kernels with no Python, dispatcher or launch cost in between:
+    the figure is the GPU's time for the work, the bound that host overhead hides in eager
+    timing. Capture fails (and the caller records why) for anything that synchronizes with the
+    host, e.g. ``.item()`` or a check of a CUDA tensor's values."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                  # warm-up off the default stream, as capture wants
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return time_cuda(graph.replay, repeat, min_time)
+    finally:
+        del graph
 
 
 def copy_bandwidth(nbytes: int, repeat: int, min_time: float) -> float:
@@ -490,6 +517,11 @@ def run(args) -> int:
         print(f"normlab bench: --peers {args.peers!r}: choose from {', '.join(PEERS)}, "
               f"comma-separated", file=err)
         return 2
+    graphs = bool(getattr(args, "cuda_graphs", False))
+    if graphs and "compile" in peers:
+        print("normlab bench: --cuda-graphs leaves out the compile peer (torch.compile has its own "
+              "CUDA-graph mode)", file=err)
+        peers = tuple(p for p in peers if p != "compile")
     repeat = args.repeat or (5 if args.quick else 10)
     min_time = args.min_time or (0.01 if args.quick else 0.05)
     t0 = time.time()
@@ -500,7 +532,8 @@ def run(args) -> int:
     for case in cases:
         try:
             results.append(run_case(case, be, repeat=repeat, min_time=min_time,
-                                    copy_GBps=mach["copy_GBps"], peers=peers))
+                                    copy_GBps=mach["copy_GBps"], peers=peers,
+                                    timer=time_cuda_graph if graphs else None))
         except Exception as e:                                 # one case must not sink the run
             print(f"  {case.name}: ERROR {type(e).__name__}: {e}", file=err)
             results.append(dict(name=case.name, method=case.method, shape=list(case.shape),
@@ -513,7 +546,7 @@ def run(args) -> int:
 
     mach["git_commit"] = _git_commit()
     settings = dict(quick=args.quick, cases=args.cases, dtype=args.dtype, peers=list(peers),
-                    repeat=repeat, min_time=min_time)
+                    cuda_graphs=graphs, repeat=repeat, min_time=min_time)
     report = dict(schema="normlab-bench-cuda/1", device="cuda",
                   created=_dt.datetime.now().isoformat(timespec="seconds"), machine=mach,
                   settings=settings, results=results, wall_s=time.time() - t0)

@@ -268,21 +268,22 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
             x = tl.load(X + base + cols, mask=m, other=0.0).to(ACC)
             dy = tl.load(DY + base + cols, mask=m, other=0.0).to(ACC)
             rstd = tl.load(RSTD + r).to(ACC)
-            if CENTERED:
-                xc = tl.where(m, x - tl.load(MEAN + r).to(ACC), 0.0)
-                xc = tl.where(m, xc - _rsum(xc, axis=0) / L, 0.0)    # exact batch mean
-            else:
-                xc = x
-            xhat = xc * rstd
             if HAS_W:
                 g = dy * w
             else:
                 g = dy
-            c1 = _rsum(g * xhat, axis=0) / L
             if CENTERED:
-                c2 = _rsum(g, axis=0) / L
-                dx = rstd * (g - c2 - xhat * c1)
+                # the three sums are independent (one round of reductions, not two): the exact
+                # batch mean is mean + delta, and sum(g * (xc - delta)) = s_gxc - delta * s_g
+                xc = tl.where(m, x - tl.load(MEAN + r).to(ACC), 0.0)
+                s_g = _rsum(g, axis=0)
+                delta = _rsum(xc, axis=0) / L
+                c1 = rstd * (_rsum(g * xc, axis=0) - delta * s_g) / L
+                xhat = tl.where(m, xc - delta, 0.0) * rstd
+                dx = rstd * (g - s_g / L - xhat * c1)
             else:
+                xhat = x * rstd
+                c1 = _rsum(g * xhat, axis=0) / L
                 dx = rstd * (g - xhat * c1)
             if HAS_DS:
                 dx = dx + tl.load(DS + base + cols, mask=m, other=0.0).to(ACC)
