@@ -270,6 +270,24 @@ def time_cuda_graph(fn: Callable, repeat: int, min_time: float) -> dict:
         del graph
 
 
+def graph_warmup() -> Optional[str]:
+    """Capture one small autograd step before the timed captures, or say why it failed.
+
+    On the H200 of 2026-12-04 the first capture of an autograd backward in the process failed
+    and left the next captures of that case failing too; later ones captured. This capture
+    takes that first one."""
+    import torch
+
+    x = torch.randn(64, 64, device="cuda", requires_grad=True)
+    y = x.sin().sum()
+    step = lambda: torch.autograd.grad(y, [x], retain_graph=True)      # noqa: E731
+    try:
+        time_cuda_graph(step, 1, 1e-4)
+        return None
+    except Exception as e:                                   # reported in the run's log
+        return f"{type(e).__name__}: {e}"[:200]
+
+
 def copy_bandwidth(nbytes: int, repeat: int, min_time: float) -> float:
     import torch
 
@@ -528,6 +546,9 @@ def run(args) -> int:
     mach = machine()
     mach["copy_GBps"] = copy_bandwidth(256 * MiB, repeat, min_time)
     print(f"{mach['gpu']}: copy {mach['copy_GBps']:.0f} GB/s")
+    if graphs:
+        mach["graph_warmup"] = graph_warmup() or "captured"
+        print(f"warm-up capture: {mach['graph_warmup']}")
     results = []
     for case in cases:
         try:

@@ -83,11 +83,21 @@ PLANE_TILE = 4096
 #: channels-last statistics: rows per tile, up to COL_BLOCK_K columns (channels) per program
 COL_BLOCK_M = 32
 COL_BLOCK_K = 64
+#: column partials: programs per SM of the persistent grid
+COL_PER_SM = 8
 #: elementwise apply: tiles of at least APPLY_BLOCK_R rows by up to APPLY_BLOCK_C columns,
 #: APPLY_TILE values (narrow rows: more rows per tile)
 APPLY_BLOCK_R = 16
 APPLY_BLOCK_C = 128
 APPLY_TILE = 2048
+#: row backward: at most this many warps per row, and about 16 warps' worth of programs per SM
+#: (measured on an H200 in bf16, 2026-12-04: 2 programs of 8 warps per SM for rows of 4096 and
+#: 8192 values, 8 programs of 2 warps for rows of 1024; 16 warps on 16384 values spilled)
+ROW_BWD_WARPS = 8
+#: the column sums of the row backward's (programs, L) partial dweight/dbias
+SUM_BLOCK = 256
+#: statistics finalization: tiles of up to FIN_TILE (group, channel-of-group) values
+FIN_TILE = 256
 
 _F16 = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -136,11 +146,11 @@ def _launch_env():
         os.environ.pop("TRITON_INTERPRET", None)
 
 
-def programs(work: int, device) -> int:
+def programs(work: int, device, per_sm: int = 4) -> int:
     """Size of a persistent grid over ``work`` independent items (rows, row blocks)."""
     if torch.device(device).type == "cuda" and not INTERPRET:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = 4 * sms
+        target = per_sm * sms
     else:
         target = 4
     return max(1, min(work, target))
@@ -355,6 +365,29 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
                     tl.store(DBP + prow + cols, p + dy.to(DBP.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _sum_partials(DWP, DBP, DW, DB, P, L, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """dweight / dbias: the column sums of the (P, L) partial buffers, in the gradients' dtype."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < L
+    dw = tl.full([BLOCK], 0.0, DWP.dtype.element_ty)
+    db = tl.full([BLOCK], 0.0, DBP.dtype.element_ty)
+    pw = DWP + cols                                 # pointers step by L: 64-bit offsets
+    pb = DBP + cols
+    for _ in range(0, P):
+        if NEED_DW:
+            dw += tl.load(pw, mask=m, other=0.0)
+        if NEED_DB:
+            db += tl.load(pb, mask=m, other=0.0)
+        pw += L
+        pb += L
+    if NEED_DW:
+        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=m)
+    if NEED_DB:
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=m)
+
+
 # =============================================================================================
 # channel-pattern kernels
 # =============================================================================================
@@ -362,41 +395,44 @@ def _row_bwd(DY, X, W, MEAN, RSTD, DS, DX, DWP, DBP, R, L, rows_per_prog,
 @triton.jit
 def _plane_moments(X, MEAN, M2, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                    ACC: tl.constexpr):
-    """Per row (plane) of an (R, S) array: mean and sum of squared deviations (Chan merge)."""
+    """Per row (plane) of an (R, S) array: mean and sum of squared deviations.
+
+    Sums of the values shifted by the mean of the first tile, accumulated elementwise (one
+    reduction at the end, none in the loop): a constant offset of the data cancels exactly."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < R
     base = rows.to(tl.int64) * S
-    n = tl.full([BLOCK_R], 0.0, ACC)
-    mean = tl.full([BLOCK_R], 0.0, ACC)
-    m2 = tl.full([BLOCK_R], 0.0, ACC)
-    for start in range(0, S, BLOCK_S):
-        cols = start + tl.arange(0, BLOCK_S)
-        msk = rm[:, None] & (cols < S)[None, :]
-        x = tl.load(X + base[:, None] + cols[None, :], mask=msk, other=0.0).to(ACC)
-        nb = _rsum(msk.to(ACC), axis=1)
-        mb = _rsum(x, axis=1) / tl.maximum(nb, 1.0)
-        xc = tl.where(msk, x - mb[:, None], 0.0)
-        m2b = _rsum(xc * xc, axis=1)
-        tot = tl.maximum(n + nb, 1.0)
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (n * nb / tot)
-        n = n + nb
-    tl.store(MEAN + rows, mean.to(MEAN.dtype.element_ty), mask=rm)
-    tl.store(M2 + rows, m2.to(M2.dtype.element_ty), mask=rm)
+    cols = tl.arange(0, BLOCK_S)
+    msk = rm[:, None] & (cols < S)[None, :]
+    x = tl.load(X + base[:, None] + cols[None, :], mask=msk, other=0.0).to(ACC)
+    shift = _rsum(x, axis=1) / tl.minimum(S, BLOCK_S)
+    xs = tl.where(msk, x - shift[:, None], 0.0)
+    acc = xs
+    acc2 = xs * xs
+    for start in range(BLOCK_S, S, BLOCK_S):
+        c = start + cols
+        msk = rm[:, None] & (c < S)[None, :]
+        x = tl.load(X + base[:, None] + c[None, :], mask=msk, other=0.0).to(ACC)
+        xs = tl.where(msk, x - shift[:, None], 0.0)
+        acc += xs
+        acc2 += xs * xs
+    s1 = _rsum(acc, axis=1)
+    tl.store(MEAN + rows, (shift + s1 / S).to(MEAN.dtype.element_ty), mask=rm)
+    tl.store(M2 + rows, (_rsum(acc2, axis=1) - s1 * s1 / S).to(M2.dtype.element_ty), mask=rm)
 
 
 @triton.jit
-def _plane_sums(DY, X, MU, SDY, SDYXC, SXC, R, S, BLOCK_R: tl.constexpr,
+def _plane_sums(DY, X, MEAN, SDY, SDYXC, SXC, R, S, C, NS, gs, BLOCK_R: tl.constexpr,
                 BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    """Per row of (R, S): sum(dy), sum(dy * (x - mu)), sum(x - mu) with mu per row."""
+    """Per row (n, c) of (R, S): sum(dy), sum(dy * (x - mu)), sum(x - mu), mu the statistic
+    ``MEAN[n * NS + c // gs]`` (NS = G for per-sample statistics, 0 for per-channel)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < R
     base = rows.to(tl.int64) * S
-    mu = tl.load(MU + rows, mask=rm, other=0.0).to(ACC)
-    sdy = tl.full([BLOCK_R], 0.0, ACC)
-    sdyxc = tl.full([BLOCK_R], 0.0, ACC)
-    sxc = tl.full([BLOCK_R], 0.0, ACC)
+    mu = tl.load(MEAN + (rows // C) * NS + (rows % C) // gs, mask=rm, other=0.0).to(ACC)
+    sdy = tl.full([BLOCK_R, BLOCK_S], 0.0, ACC)
+    sdyxc = tl.full([BLOCK_R, BLOCK_S], 0.0, ACC)
+    sxc = tl.full([BLOCK_R, BLOCK_S], 0.0, ACC)
     for start in range(0, S, BLOCK_S):
         cols = start + tl.arange(0, BLOCK_S)
         msk = rm[:, None] & (cols < S)[None, :]
@@ -404,19 +440,19 @@ def _plane_sums(DY, X, MU, SDY, SDYXC, SXC, R, S, BLOCK_R: tl.constexpr,
         x = tl.load(X + off, mask=msk, other=0.0).to(ACC)
         dy = tl.load(DY + off, mask=msk, other=0.0).to(ACC)
         xc = tl.where(msk, x - mu[:, None], 0.0)
-        sdy += _rsum(dy, axis=1)
-        sdyxc += _rsum(dy * xc, axis=1)
-        sxc += _rsum(xc, axis=1)
-    tl.store(SDY + rows, sdy.to(SDY.dtype.element_ty), mask=rm)
-    tl.store(SDYXC + rows, sdyxc.to(SDYXC.dtype.element_ty), mask=rm)
-    tl.store(SXC + rows, sxc.to(SXC.dtype.element_ty), mask=rm)
+        sdy += dy
+        sdyxc += dy * xc
+        sxc += xc
+    tl.store(SDY + rows, _rsum(sdy, axis=1).to(SDY.dtype.element_ty), mask=rm)
+    tl.store(SDYXC + rows, _rsum(sdyxc, axis=1).to(SDYXC.dtype.element_ty), mask=rm)
+    tl.store(SXC + rows, _rsum(sxc, axis=1).to(SXC.dtype.element_ty), mask=rm)
 
 
 @triton.jit
 def _col_moments(X, MEAN_P, M2_P, M, K, rows_per_prog, P, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """Slab b of a (B, M, K) array, rows [p * rows_per_prog, ...): per-column partial moments
-    written to [b, p, k] of (B, P, K) buffers."""
+    written to [b, p, k] of (B, P, K) buffers (shifted sums, as ``_plane_moments``)."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -424,32 +460,34 @@ def _col_moments(X, MEAN_P, M2_P, M, K, rows_per_prog, P, BLOCK_M: tl.constexpr,
     r0 = p * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, M)
     slab = b * M * K
-    n = tl.full([BLOCK_K], 0.0, ACC)
-    mean = tl.full([BLOCK_K], 0.0, ACC)
-    m2 = tl.full([BLOCK_K], 0.0, ACC)
-    for start in range(r0, r1, BLOCK_M):
+    rows = r0 + tl.arange(0, BLOCK_M)
+    msk = (rows < r1)[:, None] & km[None, :]
+    x = tl.load(X + slab + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=msk,
+                other=0.0).to(ACC)
+    shift = _rsum(x, axis=0) / tl.minimum(r1 - r0, BLOCK_M)
+    xs = tl.where(msk, x - shift[None, :], 0.0)
+    acc = xs
+    acc2 = xs * xs
+    for start in range(r0 + BLOCK_M, r1, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         msk = (rows < r1)[:, None] & km[None, :]
         x = tl.load(X + slab + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=msk,
                     other=0.0).to(ACC)
-        nb = _rsum(msk.to(ACC), axis=0)
-        mb = _rsum(x, axis=0) / tl.maximum(nb, 1.0)
-        xc = tl.where(msk, x - mb[None, :], 0.0)
-        m2b = _rsum(xc * xc, axis=0)
-        tot = tl.maximum(n + nb, 1.0)
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (n * nb / tot)
-        n = n + nb
+        xs = tl.where(msk, x - shift[None, :], 0.0)
+        acc += xs
+        acc2 += xs * xs
+    n = r1 - r0
+    s1 = _rsum(acc, axis=0)
     out = (b * P + p) * K + ks
-    tl.store(MEAN_P + out, mean.to(MEAN_P.dtype.element_ty), mask=km)
-    tl.store(M2_P + out, m2.to(M2_P.dtype.element_ty), mask=km)
+    tl.store(MEAN_P + out, (shift + s1 / n).to(MEAN_P.dtype.element_ty), mask=km)
+    tl.store(M2_P + out, (_rsum(acc2, axis=0) - s1 * s1 / n).to(M2_P.dtype.element_ty), mask=km)
 
 
 @triton.jit
-def _col_sums(DY, X, MU, SDY_P, SDYXC_P, SXC_P, M, K, rows_per_prog, P,
+def _col_sums(DY, X, MEAN, SDY_P, SDYXC_P, SXC_P, M, K, rows_per_prog, P, NS, gs,
               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-    """Per-column partial sums of dy, dy * (x - mu), x - mu (mu per (b, k)) over a run of rows."""
+    """Per-column partial sums of dy, dy * (x - mu), x - mu over a run of rows, mu the statistic
+    ``MEAN[b * NS + k // gs]``."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -457,10 +495,10 @@ def _col_sums(DY, X, MU, SDY_P, SDYXC_P, SXC_P, M, K, rows_per_prog, P,
     r0 = p * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, M)
     slab = b * M * K
-    mu = tl.load(MU + b * K + ks, mask=km, other=0.0).to(ACC)
-    sdy = tl.full([BLOCK_K], 0.0, ACC)
-    sdyxc = tl.full([BLOCK_K], 0.0, ACC)
-    sxc = tl.full([BLOCK_K], 0.0, ACC)
+    mu = tl.load(MEAN + b * NS + ks // gs, mask=km, other=0.0).to(ACC)
+    sdy = tl.full([BLOCK_M, BLOCK_K], 0.0, ACC)
+    sdyxc = tl.full([BLOCK_M, BLOCK_K], 0.0, ACC)
+    sxc = tl.full([BLOCK_M, BLOCK_K], 0.0, ACC)
     for start in range(r0, r1, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         msk = (rows < r1)[:, None] & km[None, :]
@@ -468,13 +506,127 @@ def _col_sums(DY, X, MU, SDY_P, SDYXC_P, SXC_P, M, K, rows_per_prog, P,
         x = tl.load(X + off, mask=msk, other=0.0).to(ACC)
         dy = tl.load(DY + off, mask=msk, other=0.0).to(ACC)
         xc = tl.where(msk, x - mu[None, :], 0.0)
-        sdy += _rsum(dy, axis=0)
-        sdyxc += _rsum(dy * xc, axis=0)
-        sxc += _rsum(xc, axis=0)
+        sdy += dy
+        sdyxc += dy * xc
+        sxc += xc
     out = (b * P + p) * K + ks
-    tl.store(SDY_P + out, sdy.to(SDY_P.dtype.element_ty), mask=km)
-    tl.store(SDYXC_P + out, sdyxc.to(SDYXC_P.dtype.element_ty), mask=km)
-    tl.store(SXC_P + out, sxc.to(SXC_P.dtype.element_ty), mask=km)
+    tl.store(SDY_P + out, _rsum(sdy, axis=0).to(SDY_P.dtype.element_ty), mask=km)
+    tl.store(SDYXC_P + out, _rsum(sdyxc, axis=0).to(SDYXC_P.dtype.element_ty), mask=km)
+    tl.store(SXC_P + out, _rsum(sxc, axis=0).to(SXC_P.dtype.element_ty), mask=km)
+
+
+@triton.jit
+def _finalize_fwd(MEAN_P, M2_P, W, B, MEAN, VAR, RSTD, MU_C, A_C, C0_C, P, C, G, gs, per, M, eps,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr):
+    """Statistics and the apply coefficients of slab b (program_id 0) for a block of groups.
+
+    Partial moments (mean, m2) are (B, P, C): partial p covers min(per, M - p * per) values of
+    each channel; a group is gs consecutive channels. Writes mean, var (biased), rstd (B, G) and
+    the per-(b, c) coefficients of ``_apply``: mu = mean, a = rstd * w, c0 = bias.
+    ``GIVEN``: MEAN_P and M2_P are the given mean and var (C,) instead (inference; gs = 1).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_J)
+    gm = g < G
+    cm = gm[:, None] & (j < gs)[None, :]
+    c = g[:, None] * gs + j[None, :]
+    if GIVEN:
+        mean = tl.load(MEAN_P + g, mask=gm, other=0.0).to(ACC)
+        var = tl.load(M2_P + g, mask=gm, other=1.0).to(ACC)
+    else:
+        n = _rsum(tl.full([BLOCK_G], 0.0, ACC), axis=0)
+        mc = tl.full([BLOCK_G, BLOCK_J], 0.0, ACC)
+        m2c = tl.full([BLOCK_G, BLOCK_J], 0.0, ACC)
+        for p in range(0, P):                           # Chan's merge, partial by partial
+            cnt = tl.minimum(per, M - p * per).to(ACC)
+            off = (b * P + p) * C + c
+            mb = tl.load(MEAN_P + off, mask=cm, other=0.0).to(ACC)
+            m2b = tl.load(M2_P + off, mask=cm, other=0.0).to(ACC)
+            tot = n + cnt
+            d = mb - mc
+            mc = mc + d * (cnt / tot)
+            m2c = m2c + m2b + d * d * (n * cnt / tot)
+            n = tot
+        # the gs channels of a group hold n values each: equal-count merge
+        mean = _rsum(tl.where(cm, mc, 0.0), axis=1) / gs
+        dev = tl.where(cm, mc - mean[:, None], 0.0)
+        var = (_rsum(tl.where(cm, m2c, 0.0), axis=1) + n * _rsum(dev * dev, axis=1)) / (n * gs)
+        var = tl.maximum(var, 0.0)                      # shifted sums can round below 0
+    rstd = 1.0 / tl.sqrt(var + eps)
+    out = b * G + g
+    tl.store(MEAN + out, mean.to(MEAN.dtype.element_ty), mask=gm)
+    tl.store(VAR + out, var.to(VAR.dtype.element_ty), mask=gm)
+    tl.store(RSTD + out, rstd.to(RSTD.dtype.element_ty), mask=gm)
+    zero = tl.full([BLOCK_G, BLOCK_J], 0.0, ACC)
+    a = rstd[:, None] + zero
+    if HAS_W:
+        a = a * tl.load(W + c, mask=cm, other=0.0).to(ACC)
+    if HAS_B:
+        c0 = tl.load(B + c, mask=cm, other=0.0).to(ACC)
+    else:
+        c0 = zero
+    co = b * C + c
+    tl.store(MU_C + co, (mean[:, None] + zero).to(MU_C.dtype.element_ty), mask=cm)
+    tl.store(A_C + co, a.to(A_C.dtype.element_ty), mask=cm)
+    tl.store(C0_C + co, c0.to(C0_C.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _finalize_bwd(SDY_P, SDYXC_P, SXC_P, MEAN, RSTD, W, MU_C, A_C, D_C, C0_C, DW, DB,
+                  P, C, G, gs, M,
+                  HAS_W: tl.constexpr, SUMS: tl.constexpr, TRAINING: tl.constexpr,
+                  NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr):
+    """The backward's per-statistic algebra for slab b and a block of groups.
+
+    From the partial sums (B, P, C) of dy, dy * (x - mean), x - mean: the exact batch mean
+    (mean + delta), dweight/dbias of slab b (DW, DB (B, C)), and the coefficients of ``_apply``
+    for dx = (x - mu) * a + d * dy + c0 (training) or d * dy (given statistics).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_J)
+    gm = g < G
+    cm = gm[:, None] & (j < gs)[None, :]
+    c = g[:, None] * gs + j[None, :]
+    co = b * C + c
+    zero = tl.full([BLOCK_G, BLOCK_J], 0.0, ACC)
+    rstd = tl.load(RSTD + b * G + g, mask=gm, other=0.0).to(ACC)
+    if HAS_W:
+        w = tl.load(W + c, mask=cm, other=0.0).to(ACC)
+    else:
+        w = tl.where(cm, 1.0, 0.0) + zero
+    if SUMS:
+        sdy = zero
+        sdyxc = zero
+        sxc = zero
+        for p in range(0, P):
+            off = (b * P + p) * C + c
+            sdy += tl.load(SDY_P + off, mask=cm, other=0.0).to(ACC)
+            sdyxc += tl.load(SDYXC_P + off, mask=cm, other=0.0).to(ACC)
+            sxc += tl.load(SXC_P + off, mask=cm, other=0.0).to(ACC)
+        if TRAINING:
+            delta = _rsum(sxc, axis=1) / M                 # exact batch mean - mean
+        else:
+            delta = _rsum(zero, axis=1)
+        sdyxhat = rstd[:, None] * (sdyxc - delta[:, None] * sdy)      # sum(dy * xhat)
+        if NEED_W:
+            tl.store(DW + co, sdyxhat.to(DW.dtype.element_ty), mask=cm)
+        if NEED_B:
+            tl.store(DB + co, sdy.to(DB.dtype.element_ty), mask=cm)
+        if TRAINING:
+            mg = _rsum(w * sdy, axis=1) / M                # mean(dy * w)
+            mgx = _rsum(w * sdyxhat, axis=1) / M           # mean(dy * w * xhat)
+            mean = tl.load(MEAN + b * G + g, mask=gm, other=0.0).to(ACC)
+            tl.store(MU_C + co, ((mean + delta)[:, None] + zero).to(MU_C.dtype.element_ty), mask=cm)
+            tl.store(A_C + co, ((-rstd * rstd * mgx)[:, None] + zero).to(A_C.dtype.element_ty),
+                     mask=cm)
+            tl.store(C0_C + co, ((-rstd * mg)[:, None] + zero).to(C0_C.dtype.element_ty), mask=cm)
+    if not TRAINING:
+        tl.store(C0_C + co, zero.to(C0_C.dtype.element_ty), mask=cm)
+    tl.store(D_C + co, (rstd[:, None] * w).to(D_C.dtype.element_ty), mask=cm)
 
 
 @triton.jit
@@ -645,7 +797,8 @@ def _row_backward(dy, x, normalized_shape, weight, mean, rstd, centered, need_w,
     dweight = dbias = None
     if R:
         block, looped = _row_block(L)
-        P = programs(R, x.device)
+        warps = min(ROW_BWD_WARPS, _warps(block))
+        P = programs(R, x.device, per_sm=max(2, 16 // warps))
         per = triton.cdiv(R, P)
         P = triton.cdiv(R, per)
         acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -659,11 +812,16 @@ def _row_backward(dy, x, normalized_shape, weight, mean, rstd, centered, need_w,
                            d if dbp is None else dbp, R, L, per, HAS_W=w is not None,
                            HAS_DS=ds is not None, CENTERED=centered, NEED_DW=need_w,
                            NEED_DB=need_b, LOOPED=looped, BLOCK=block, ACC=_acc(x.dtype),
-                           num_warps=_warps(block))
-        if need_w:
-            dweight = dwp.sum(0).to(gdt).view(shape)
-        if need_b:
-            dbias = dbp.sum(0).to(gdt).view(shape)
+                           num_warps=warps)
+        if need_w or need_b:
+            dweight = torch.empty(shape, dtype=gdt, device=x.device) if need_w else None
+            dbias = torch.empty(shape, dtype=gdt, device=x.device) if need_b else None
+            bs = min(SUM_BLOCK, triton.next_power_of_2(L))
+            with _launch_env():
+                _sum_partials[(triton.cdiv(L, bs),)](
+                    d if dwp is None else dwp, d if dbp is None else dbp,
+                    d if dweight is None else dweight, d if dbias is None else dbias, P, L,
+                    NEED_DW=need_w, NEED_DB=need_b, BLOCK=bs)
     else:
         if need_w:
             dweight = torch.zeros(shape, dtype=gdt, device=x.device)
@@ -784,36 +942,6 @@ class _Layout:
         return a.movedim(-1, 1) if not self.declared else a.movedim(1, -1)
 
 
-def _merge(mean, m2, count, dim):
-    """Chan's merge along ``dim`` of partial (mean, m2) with ``count`` values each (broadcastable)."""
-    if not isinstance(count, torch.Tensor):                  # equal counts: plain numbers
-        mu = mean.mean(dim)
-        m2 = m2.sum(dim) + count * ((mean - mu.unsqueeze(dim)) ** 2).sum(dim)
-        return mu, m2, count * mean.shape[dim]
-    count = count.expand_as(mean)
-    n = count.sum(dim)
-    mu = (mean * count).sum(dim) / n.clamp_min(1)
-    m2 = m2.sum(dim) + (count * (mean - mu.unsqueeze(dim)) ** 2).sum(dim)
-    return mu, m2, n
-
-
-def _moments_nc(lay, acc_dt):
-    """Per-(n, c) ``(mean, m2)`` of shape (N, C) and the count of values behind each."""
-    x, N, C, S = lay.x, lay.N, lay.C, lay.S
-    dev = x.device
-    if not lay.cl:
-        R = N * C
-        mean = torch.empty(R, dtype=acc_dt, device=dev)
-        m2 = torch.empty(R, dtype=acc_dt, device=dev)
-        bs, br = _plane_blocks(S)
-        with _launch_env():
-            _plane_moments[(triton.cdiv(R, br),)](x, mean, m2, R, S, BLOCK_R=br, BLOCK_S=bs,
-                                                  ACC=_acc(x.dtype))
-        return mean.view(N, C), m2.view(N, C), S
-    # channels-last: slabs of (S, C), partial moments over runs of rows
-    return _col_moments_merged(x, N, S, C, acc_dt)
-
-
 def _plane_blocks(S: int):
     bs = min(PLANE_BLOCK_S, triton.next_power_of_2(max(S, 1)))
     return bs, max(PLANE_BLOCK_R, PLANE_TILE // bs)
@@ -825,55 +953,68 @@ def _col_split(B: int, M: int, K: int, dev):
     bk = min(COL_BLOCK_K, triton.next_power_of_2(max(K, 1)))
     kb = triton.cdiv(K, bk)
     row_blocks = triton.cdiv(M, COL_BLOCK_M)
-    P = max(1, min(row_blocks, programs(B * kb * row_blocks, dev) // (B * kb)))
+    P = max(1, min(row_blocks, programs(B * kb * row_blocks, dev, COL_PER_SM) // (B * kb)))
     per = triton.cdiv(triton.cdiv(M, P), COL_BLOCK_M) * COL_BLOCK_M
     return triton.cdiv(M, per), per, kb, bk
 
 
-def _col_moments_merged(x, B, M, C, acc_dt):
-    """Per-(slab, column) moments of a (B, M, C) array: ``(mean, m2)`` (B, C) and M."""
-    dev = x.device
-    P, per, kb, bk = _col_split(B, M, C, dev)
-    mean_p = torch.empty((B, P, C), dtype=acc_dt, device=dev)
-    m2_p = torch.empty((B, P, C), dtype=acc_dt, device=dev)
-    with _launch_env():
-        _col_moments[(B, P, kb)](x, mean_p, m2_p, M, C, per, P, BLOCK_M=COL_BLOCK_M,
-                                 BLOCK_K=bk, ACC=_acc(x.dtype))
-    if P == 1:
-        return mean_p[:, 0], m2_p[:, 0], M
-    counts = torch.full((P,), float(per), dtype=acc_dt, device=dev)   # no host-to-device copy
-    counts[-1] = float(M - (P - 1) * per)                                 # (that would sync)
-    mean, m2, _ = _merge(mean_p, m2_p, counts.view(1, P, 1), 1)
-    return mean, m2, M
+class _Split:
+    """How the channel kernels cut a non-empty input into partials: B slabs (statistics per
+    slab: the samples for GroupNorm/InstanceNorm, one for BatchNorm) of P partials per channel,
+    partial p covering ``min(per, M - p * per)`` of the slab's M values per channel. The partial
+    buffers are (B, P, C); statistic (b, g) pools the partials of its gs channels."""
+
+    def __init__(self, lay, per_sample, G):
+        N, C, S = lay.N, lay.C, lay.S
+        self.B, self.G, self.gs = _slabs(lay, per_sample), G, C // G
+        self.NS = G if per_sample else 0            # statistic of row n: n * NS + c // gs
+        if not lay.cl:                              # one partial per (n, c) plane
+            self.P, self.per = (1 if per_sample else N), S
+            self.M = self.P * S
+        else:
+            self.M = S if per_sample else N * S
+            self.P, self.per, self.kb, self.bk = _col_split(self.B, self.M, C, lay.x.device)
+        self.count = self.gs * self.M               # values behind one statistic
+
+    def fin_grid(self):
+        bj = triton.next_power_of_2(self.gs)
+        bg = max(1, min(triton.next_power_of_2(self.G), FIN_TILE // bj))
+        return (self.B, triton.cdiv(self.G, bg)), bg, bj
 
 
-def _moments_channel_last_flat(lay, acc_dt):
-    """BatchNorm channels-last: (N * S, C) as one slab: per-channel (mean, m2) (1, C), count."""
-    return _col_moments_merged(lay.x, 1, lay.N * lay.S, lay.C, acc_dt)
+def _slabs(lay, per_sample):
+    return lay.N if per_sample else 1
 
 
-def _sums_nc(lay, dy, mu_nc, flat):
-    """Per-(n, c) (or per-channel with ``flat`` channels-last) sums of dy, dy*(x-mu), x-mu."""
+def _moments(lay, sp, acc_dt):
+    """Partial ``(mean, m2)`` (B, P, C) of the input."""
     x, N, C, S = lay.x, lay.N, lay.C, lay.S
-    dev = x.device
-    acc_dt = mu_nc.dtype
-    if not lay.cl:
-        R = N * C
-        mu = mu_nc.expand(N, C).contiguous().view(R)
-        out = [torch.empty(R, dtype=acc_dt, device=dev) for _ in range(3)]
-        bs, br = _plane_blocks(S)
-        with _launch_env():
-            _plane_sums[(triton.cdiv(R, br),)](dy, x, mu, *out, R, S, BLOCK_R=br, BLOCK_S=bs,
-                                               ACC=_acc(x.dtype))
-        return [o.view(N, C) for o in out]
-    B, M = (1, N * S) if flat else (N, S)
-    mu = mu_nc.expand(B, C).contiguous()
-    P, per, kb, bk = _col_split(B, M, C, dev)
-    out = [torch.empty((B, P, C), dtype=acc_dt, device=dev) for _ in range(3)]
+    mean = torch.empty((sp.B, sp.P, C), dtype=acc_dt, device=x.device)
+    m2 = torch.empty_like(mean)
     with _launch_env():
-        _col_sums[(B, P, kb)](dy, x, mu, *out, M, C, per, P, BLOCK_M=COL_BLOCK_M, BLOCK_K=bk,
-                              ACC=_acc(x.dtype))
-    return [o.sum(1) for o in out]
+        if not lay.cl:
+            bs, br = _plane_blocks(S)
+            _plane_moments[(triton.cdiv(N * C, br),)](x, mean, m2, N * C, S, BLOCK_R=br,
+                                                      BLOCK_S=bs, ACC=_acc(x.dtype))
+        else:
+            _col_moments[(sp.B, sp.P, sp.kb)](x, mean, m2, sp.M, C, sp.per, sp.P,
+                                              BLOCK_M=COL_BLOCK_M, BLOCK_K=sp.bk, ACC=_acc(x.dtype))
+    return mean, m2
+
+
+def _sums(lay, sp, dy, mean_g, acc_dt):
+    """Partial sums (B, P, C) of dy, dy * (x - mean), x - mean, mean the (B, G) statistics."""
+    x, N, C, S = lay.x, lay.N, lay.C, lay.S
+    out = [torch.empty((sp.B, sp.P, C), dtype=acc_dt, device=x.device) for _ in range(3)]
+    with _launch_env():
+        if not lay.cl:
+            bs, br = _plane_blocks(S)
+            _plane_sums[(triton.cdiv(N * C, br),)](dy, x, mean_g, *out, N * C, S, C, sp.NS, sp.gs,
+                                                   BLOCK_R=br, BLOCK_S=bs, ACC=_acc(x.dtype))
+        else:
+            _col_sums[(sp.B, sp.P, sp.kb)](dy, x, mean_g, *out, sp.M, C, sp.per, sp.P, sp.NS, sp.gs,
+                                           BLOCK_M=COL_BLOCK_M, BLOCK_K=sp.bk, ACC=_acc(x.dtype))
+    return out
 
 
 def _apply_launch(lay, out, mu, a, d, c0, ns, dy=None, has_x=True):
@@ -882,123 +1023,91 @@ def _apply_launch(lay, out, mu, a, d, c0, ns, dy=None, has_x=True):
     ROWS, COLS = (N * S, C) if lay.cl else (N * C, S)
     bc = min(APPLY_BLOCK_C, triton.next_power_of_2(max(COLS, 1)))
     br = max(APPLY_BLOCK_R, APPLY_TILE // bc)
-    z = c0
     with _launch_env():
         _apply[(triton.cdiv(ROWS, br), triton.cdiv(COLS, bc))](
-            x, x if dy is None else dy, out, z if mu is None else mu.contiguous(),
-            z if a is None else a.contiguous(), z if d is None else d.contiguous(),
-            c0.contiguous(), ROWS, COLS, C, S, ns, HAS_X=has_x, HAS_DY=dy is not None,
+            x, x if dy is None else dy, out, c0 if mu is None else mu, c0 if a is None else a,
+            c0 if d is None else d, c0, ROWS, COLS, C, S, ns, HAS_X=has_x, HAS_DY=dy is not None,
             CL=lay.cl, BLOCK_R=br, BLOCK_C=bc, ACC=_acc(x.dtype))
 
 
-def _vec(v, C, x, name, fill, acc_dt):
-    if v is None:
-        return torch.full((C,), fill, dtype=acc_dt, device=x.device)
+def _param(v, C, x, name):
+    """An optional per-channel parameter, checked, as the kernels read it (any float dtype)."""
     _checks.check_vector(v, C, name)
-    return _opt(v, x, name).to(acc_dt).view(C)
+    return None if v is None else _opt(v, x, name).reshape(C)
 
 
-def _normalize(lay, mean_bc, rstd_bc, w, b, ns):
-    """y from (B', C) statistics expanded per channel: y = (x - mean) * rstd * w + b."""
-    y = torch.empty_like(lay.x)
-    a = rstd_bc * w
-    c0 = b.expand_as(a)
-    if lay.x.numel():
-        _apply_launch(lay, y, mean_bc, a, None, c0, ns)
-    return y
-
-
-def _grouped_forward(x, G, weight, bias, eps, channels_last, per_sample):
-    """Shared forward. ``per_sample``: statistics per (n, group) (GN, IN), else per channel (BN).
-
-    Returns y, mean (B', G), var (B', G) in the accumulation dtype, B' = N or 1.
-    """
+def _channel_forward(x, G, weight, bias, eps, channels_last, per_sample, mean=None, var=None):
+    """Shared forward: ``(y, mean, var, rstd)``, statistics (B', G) in the statistics dtype
+    (B' = N per sample, else 1); ``mean``/``var`` given: inference with them (G = C)."""
     lay = _Layout(x, channels_last)
-    N, C, S = lay.N, lay.C, lay.S
-    acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = _vec(weight, C, x, "weight", 1.0, acc_dt)
-    b = _vec(bias, C, x, "bias", 0.0, acc_dt)
-    gs = C // G
+    C = lay.C
+    sd = _stat_dtype(x.dtype)
+    w, b = _param(weight, C, x, "weight"), _param(bias, C, x, "bias")
+    # three allocations, not views of one: custom-op outputs may not share storage
+    stats = [torch.empty((_slabs(lay, per_sample), G), dtype=sd, device=x.device)
+             for _ in range(3)]
     if not x.numel():
-        nan = torch.full((N if per_sample else 1, G), math.nan, dtype=acc_dt, device=x.device)
-        return lay, torch.empty_like(lay.x), nan, nan, w, b
-    if per_sample:
-        mean_nc, m2_nc, cnt = _moments_nc(lay, acc_dt)                       # (N, C)
-        mean_g, m2_g, n = _merge(mean_nc.view(N, G, gs), m2_nc.view(N, G, gs), cnt, 2)
-    elif lay.cl:
-        mean_g, m2_g, n = _moments_channel_last_flat(lay, acc_dt)            # (1, C)
+        return (lay.restore(torch.empty_like(lay.x)),) + tuple(t.fill_(math.nan) for t in stats)
+    sp = _Split(lay, per_sample, G)
+    given = mean is not None
+    if given:
+        mean_p, m2_p = _opt(mean, x, "mean").reshape(C), _opt(var, x, "var").reshape(C)
     else:
-        mean_nc, m2_nc, cnt = _moments_nc(lay, acc_dt)
-        mean_g, m2_g, n = _merge(mean_nc, m2_nc, cnt, 0)
-        mean_g, m2_g = mean_g.view(1, C), m2_g.view(1, C)
-    var_g = m2_g / n
-    return lay, None, mean_g, var_g, w, b
+        mean_p, m2_p = _moments(lay, sp, sd)
+    coef = torch.empty((3, sp.B, C), dtype=sd, device=x.device)
+    grid, bg, bj = sp.fin_grid()
+    d = _dummy(x)
+    with _launch_env():
+        _finalize_fwd[grid](mean_p, m2_p, d if w is None else w, d if b is None else b,
+                            stats[0], stats[1], stats[2], coef[0], coef[1], coef[2],
+                            sp.P, C, G, sp.gs, sp.per, sp.M, float(eps), HAS_W=w is not None,
+                            HAS_B=b is not None, GIVEN=given, BLOCK_G=bg, BLOCK_J=bj,
+                            ACC=_acc(x.dtype))
+    y = torch.empty_like(lay.x)
+    _apply_launch(lay, y, coef[0], coef[1], None, coef[2], C if per_sample else 0)
+    return lay.restore(y), stats[0], stats[1], stats[2]
 
 
-def _expand(stat_bg, gs):
-    """(B', G) -> (B', C) with each group's value repeated over its gs channels."""
-    return stat_bg.repeat_interleave(gs, dim=1) if gs > 1 else stat_bg
-
-
-def _grouped_apply_forward(lay, mean_g, var_g, w, b, eps, gs, ns):
-    """y from (B', G) statistics; ``ns`` = C for per-sample statistics, 0 for per-channel."""
-    rstd_g = torch.rsqrt(var_g + eps)
-    return _normalize(lay, _expand(mean_g, gs), _expand(rstd_g, gs), w, b, ns), rstd_g
-
-
-def _grouped_backward(dy, x, G, weight, mean, rstd, channels_last, need_w, need_b, per_sample,
+def _channel_backward(dy, x, G, weight, mean, rstd, channels_last, need_w, need_b, per_sample,
                       training):
     """Shared backward: ``(dx, dweight, dbias)`` (statistics (N, G) or (C,))."""
     lay = _Layout(x, channels_last)
-    N, C, S = lay.N, lay.C, lay.S
+    C = lay.C
     dyp = lay.same(_dy(dy, x))
-    acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = _vec(weight, C, x, "weight", 1.0, acc_dt)
-    gs = C // G
-    Bp = N if per_sample else 1
-    mean_g = _stat(mean, x, Bp * G, "mean", acc_dt).view(Bp, G)
-    rstd_g = _stat(rstd, x, Bp * G, "rstd", acc_dt).view(Bp, G)
+    sd = _stat_dtype(x.dtype)
+    w = _param(weight, C, x, "weight")
+    nstat = _slabs(lay, per_sample) * G
+    mean_g, rstd_g = _stat(mean, x, nstat, "mean", sd), _stat(rstd, x, nstat, "rstd", sd)
     gdt = _grad_dtype(x, weight)
     dx = torch.empty_like(lay.x)
-    sums = bool(training or need_w or need_b)
-    dweight = dbias = None
     if not x.numel():
         z = torch.zeros(C, dtype=gdt, device=x.device)
         return lay.restore(dx), (z if need_w else None), (z.clone() if need_b else None)
+    sp = _Split(lay, per_sample, G)
+    sums = bool(training or need_w or need_b)
+    parts = _sums(lay, sp, dyp, mean_g, sd) if sums else [rstd_g] * 3
+    coef = torch.empty((4, sp.B, C), dtype=sd, device=x.device)
+    # dweight/dbias of each slab; with one slab (BatchNorm) they are the results themselves
+    gdt_b = gdt if sp.B == 1 else sd
+    d = _dummy(x)
+    dwb = torch.empty((sp.B, C), dtype=gdt_b, device=x.device) if need_w else d
+    dbb = torch.empty((sp.B, C), dtype=gdt_b, device=x.device) if need_b else d
+    grid, bg, bj = sp.fin_grid()
+    with _launch_env():
+        _finalize_bwd[grid](*parts, mean_g, rstd_g, d if w is None else w, coef[0],
+                            coef[1], coef[2], coef[3], dwb, dbb, sp.P, C, G, sp.gs,
+                            sp.count, HAS_W=w is not None, SUMS=sums, TRAINING=training,
+                            NEED_W=need_w, NEED_B=need_b, BLOCK_G=bg, BLOCK_J=bj,
+                            ACC=_acc(x.dtype))
     ns = C if per_sample else 0
-    mu_c = _expand(mean_g, gs)                                       # (B', C)
-    rstd_c = _expand(rstd_g, gs)
-    if sums:
-        flat = (not per_sample) and lay.cl
-        sdy, sdyxc, sxc = _sums_nc(lay, dyp, mu_c, flat)             # (N, C) or (1, C)
-        if not per_sample and sdy.shape[0] != 1:
-            sdy, sdyxc, sxc = (t.sum(0, keepdim=True) for t in (sdy, sdyxc, sxc))
-        M = gs * S * (1 if per_sample else N)                        # values per statistic
-        if training:
-            delta_g = sxc.view(Bp, G, gs).sum(2) / M                  # exact batch mean
-        else:
-            delta_g = torch.zeros_like(mean_g)
-        delta_c = _expand(delta_g, gs)
-        sdyxhat = rstd_c * (sdyxc - delta_c * sdy)                   # sum dy * xhat, (B', C)
-        if need_w:
-            dweight = sdyxhat.sum(0).to(gdt)
-        if need_b:
-            dbias = sdy.sum(0).to(gdt)
     if training:
-        mg = (w * sdy).view(Bp, G, gs).sum(2) / M                     # mean(g), g = dy * w
-        mgx = (w * sdyxhat).view(Bp, G, gs).sum(2) / M                # mean(g * xhat)
-        a = -_expand(rstd_g * rstd_g * mgx, gs)
-        c0 = -_expand(rstd_g * mg, gs)
-        _apply_launch(lay, dx, mu_c + delta_c, a, rstd_c * w, c0, ns, dy=dyp)
+        _apply_launch(lay, dx, coef[0], coef[1], coef[2], coef[3], ns, dy=dyp)
     else:
-        d = (rstd_c * w).expand(Bp, C)
-        _apply_launch(lay, dx, None, None, d, torch.zeros_like(d), ns, dy=dyp, has_x=False)
-    return lay.restore(dx), dweight, dbias
+        _apply_launch(lay, dx, None, None, coef[2], coef[3], ns, dy=dyp, has_x=False)
+    def total(t, need):
+        return None if not need else t.view(C) if sp.B == 1 else t.sum(0).to(gdt)
 
-
-def _out_stats(x, *ts):
-    sd = _stat_dtype(x.dtype)
-    return tuple(t.to(sd) for t in ts)
+    return lay.restore(dx), total(dwb, need_w), total(dbb, need_b)
 
 
 def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, var=None):
@@ -1012,28 +1121,17 @@ def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, 
     _checks.check_stats_pair(mean, var, "batch_norm")
     lay = _Layout(x, channels_last)
     C = lay.C
-    acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     for name, v in (("weight", weight), ("bias", bias), ("mean", mean), ("var", var)):
         _checks.check_vector(v, C, name)
     if mean is None:
         _checks.check_values_per_channel(lay.N * lay.S, x.shape, "batch_norm")
-        lay, y, mean_g, var_g, w, b = _grouped_forward(x, C, weight, bias, eps, channels_last, False)
-        if y is not None:                                        # empty input
-            return (lay.restore(y),) + _out_stats(x, mean_g.view(C), var_g.view(C),
-                                                   mean_g.view(C))
-        y, rstd_g = _grouped_apply_forward(lay, mean_g, var_g, w, b, eps, 1, 0)
-        return (lay.restore(y),) + _out_stats(x, mean_g.view(C), var_g.view(C), rstd_g.view(C))
-    mean_g = _opt(mean, x, "mean").to(acc_dt).view(1, C)
-    var_g = _opt(var, x, "var").to(acc_dt).view(1, C)
-    if x.device.type != "cuda" and bool((var_g < 0).any()):
+    elif x.device.type != "cuda" and bool((var < 0).any()):
         # on CUDA this check would wait for the GPU on every call: there, as in torch, a negative
         # given variance gives NaN in its channel's output
         raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
-    w = _vec(weight, C, x, "weight", 1.0, acc_dt)
-    b = _vec(bias, C, x, "bias", 0.0, acc_dt)
-    rstd_g = torch.rsqrt(var_g + eps)
-    y = _normalize(lay, mean_g, rstd_g, w, b, 0)
-    return (lay.restore(y),) + _out_stats(x, mean_g.view(C), var_g.view(C), rstd_g.view(C))
+    y, mean_g, var_g, rstd_g = _channel_forward(x, C, weight, bias, eps, channels_last, False,
+                                                mean, var)
+    return y, mean_g.view(C), var_g.view(C), rstd_g.view(C)
 
 
 def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, training=True,
@@ -1043,7 +1141,7 @@ def batch_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, train
     _checks.check_min_ndim(x, 2, "batch_norm", "(N, C, *spatial)")
     C = _Layout(x, channels_last).C
     _checks.check_vector(weight, C, "weight")
-    return _grouped_backward(dy, x, C, weight, mean, rstd, channels_last,
+    return _channel_backward(dy, x, C, weight, mean, rstd, channels_last,
                              _want(need_weight_grad, weight), _want(need_bias_grad, weight),
                              False, bool(training))
 
@@ -1062,12 +1160,8 @@ def group_norm_forward(x, num_groups, weight, bias, eps, *, channels_last=False)
     G = int(num_groups)
     for name, v in (("weight", weight), ("bias", bias)):
         _checks.check_vector(v, C, name)
-    lay, y, mean_g, var_g, w, b = _grouped_forward(x, G, weight, bias, eps, channels_last, True)
-    if y is None:
-        y, rstd_g = _grouped_apply_forward(lay, mean_g, var_g, w, b, eps, C // G, lay.C)
-    else:
-        rstd_g = mean_g
-    return (lay.restore(y),) + _out_stats(x, mean_g, rstd_g)
+    y, mean_g, _, rstd_g = _channel_forward(x, G, weight, bias, eps, channels_last, True)
+    return y, mean_g, rstd_g
 
 
 def group_norm_backward(dy, x, num_groups, weight, mean, rstd, *, channels_last=False,
@@ -1078,7 +1172,7 @@ def group_norm_backward(dy, x, num_groups, weight, mean, rstd, *, channels_last=
     C = _channels(x, channels_last)
     _checks.check_groups(num_groups, C)
     _checks.check_vector(weight, C, "weight")
-    return _grouped_backward(dy, x, int(num_groups), weight, mean, rstd, channels_last,
+    return _channel_backward(dy, x, int(num_groups), weight, mean, rstd, channels_last,
                              _want(need_weight_grad, weight), _want(need_bias_grad, weight),
                              True, True)
 
@@ -1102,12 +1196,7 @@ def instance_norm_forward(x, weight, bias, eps, *, channels_last=False):
             f"instance_norm in training needs more than 1 spatial element per channel, got an "
             f"input of shape {tuple(x.shape)} ({spatial} spatial element); InstanceNorm of a "
             f"single value is always 0: use LayerNorm or BatchNorm for (N, C) data")
-    lay, y, mean_g, var_g, w, b = _grouped_forward(x, C, weight, bias, eps, channels_last, True)
-    if y is None:
-        y, rstd_g = _grouped_apply_forward(lay, mean_g, var_g, w, b, eps, 1, lay.C)
-    else:
-        rstd_g = mean_g
-    return (lay.restore(y),) + _out_stats(x, mean_g, var_g, rstd_g)
+    return _channel_forward(x, C, weight, bias, eps, channels_last, True)
 
 
 def instance_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, need_weight_grad=None,
@@ -1115,6 +1204,6 @@ def instance_norm_backward(dy, x, weight, mean, rstd, *, channels_last=False, ne
     r"""Instance norm backward: ``(dx, dweight, dbias)``."""
     x = _input(x).detach()
     C = _instance_checks(x, channels_last, weight, None)
-    return _grouped_backward(dy, x, C, weight, mean, rstd, channels_last,
+    return _channel_backward(dy, x, C, weight, mean, rstd, channels_last,
                              _want(need_weight_grad, weight), _want(need_bias_grad, weight),
                              True, True)

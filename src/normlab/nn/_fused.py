@@ -286,6 +286,7 @@ def _save(ctx, method: Method, x, weight, bias, mean, var, arg, eps, output):
     """What the backward needs (both paths): the statistics outputs are not differentiable."""
     _, m, v, r = output
     ctx.mark_non_differentiable(m, v, r)
+    ctx.set_materialize_grads(False)         # no zero-filled gradients for the statistics
     saved_mean = mean if method.given_stats else m
     ctx.save_for_backward(x, weight, bias, saved_mean, var, r)
     ctx.arg, ctx.eps = list(arg), eps
@@ -295,6 +296,8 @@ def _input_grads(method: Method, ctx, grad_y, needs, backward):
     """``(dx, dweight, dbias)`` (None where not needed) for both paths; ``backward`` is the
     fused backward (the custom op, or ``_run_backward`` directly). Under ``create_graph=True``
     (grad mode on) the composite is differentiated instead, so second order is exact."""
+    if grad_y is None:                       # only a statistic was used: nothing flows back
+        return None, None, None
     x, weight, bias, mean, var, rstd = ctx.saved_tensors
     need_x, need_w, need_b = needs
     need_w, need_b = need_w and weight is not None, need_b and bias is not None
