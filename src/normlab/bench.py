@@ -577,22 +577,24 @@ def set_threads(n: int) -> dict:
 def _git_commit() -> str | None:
     """The checkout's short commit, ``-dirty`` when files differ from it (read-only git calls).
 
-    A copy of the tree without its ``.git`` (a machine the checkout was copied to) has no commit
-    to read: there ``NORMLAB_GIT_COMMIT``, if set, names it."""
+    ``NORMLAB_GIT_COMMIT``, if set, names it instead: for a copy of the tree on another machine,
+    whose ``.git`` (if any) need not match the files."""
     told = os.environ.get("NORMLAB_GIT_COMMIT", "").strip() or None
+    if told:
+        return told
     try:
         root = str(Path(__file__).resolve().parents[2])
         r = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                            capture_output=True, text=True, timeout=5)
         if r.returncode != 0 or not r.stdout.strip():
-            return told
+            return None
         d = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "src"],
                            capture_output=True, text=True, timeout=5)
         u = subprocess.run(["git", "-C", root, "ls-files", "--others", "--exclude-standard", "--", "src"],
                            capture_output=True, text=True, timeout=5)
         return r.stdout.strip() + ("-dirty" if d.stdout.strip() or u.stdout.strip() else "")
     except Exception:
-        return told
+        return None
 
 
 def machine_record(threads: dict, repeat: int, min_time: float) -> dict:

@@ -120,8 +120,9 @@ _REGISTRY: dict = {}
 _DEVICE_DEFAULTS = {"cpu": "numba"}
 _LOADED: dict = {}          # name -> impl, or the exception its loader raised
 _RESOLVED: dict = {}        # (name, device) -> Backend, built once (cleared by register_backend)
-#: get_backend's answers per (name, $NORMLAB_BACKEND, device, dtype) as passed, for backends
-#: whose availability cannot change (no ``unavailable`` hook); cleared by register_backend
+#: get_backend's answers per (name, $NORMLAB_BACKEND, device, dtype, _state()) as passed, for
+#: backends whose availability cannot change (no ``unavailable`` hook) or says what it depends
+#: on (an ``availability_state()`` hook, part of the key); cleared by register_backend
 _CHOSEN: dict = {}
 
 
@@ -241,18 +242,25 @@ def get_backend(name: Optional[str] = None, *, device="cpu", dtype=None) -> Back
     it is treated as unable to run.
     """
     env = os.environ.get(ENV_VAR, "") if name is None else None
-    key = (name, env, device, dtype)
     try:
-        return _CHOSEN[key]
+        return _CHOSEN[(name, env, device, dtype, _state())]
     except (KeyError, TypeError):           # TypeError: an unhashable device or dtype
         pass
     be = _choose(name, env, _device_type(device), _dtype_name(dtype))
-    if getattr(be.impl, "unavailable", None) is None:   # a static answer: remember it
+    if (getattr(be.impl, "unavailable", None) is None
+            or getattr(be.impl, "availability_state", None) is not None):
         try:
-            _CHOSEN[key] = be
+            _CHOSEN[(name, env, device, dtype, _state())] = be    # (loading may add a hook)
         except TypeError:
             pass
     return be
+
+
+def _state() -> tuple:
+    """What the loaded backends say their availability depends on now (their optional
+    ``availability_state()`` hooks, e.g. an environment variable read at each call)."""
+    return tuple(f() for f in (getattr(i, "availability_state", None) for i in _LOADED.values())
+                 if f is not None)
 
 
 def _choose(name: Optional[str], env: Optional[str], dev: str, dt: Optional[str]) -> Backend:

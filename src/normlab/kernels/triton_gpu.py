@@ -12,22 +12,27 @@ row, per-element affine (LayerNorm, RMSNorm, and the fused residual-add variants
     sum of squares) and y is written: one read of x, one write of y. Longer rows loop over
     blocks twice: moments with a per-block two-pass and Chan's merge of the blocks, then the
     normalize loop (the second read mostly hits L2).
-    ``_row_bwd``: a persistent grid of P programs (``programs()``), each over a contiguous run
-    of rows: dx per row, and dweight/dbias partial sums over its rows accumulated in registers
-    (one-pass) or in its own row of the (P, L) float32 partial buffer (looped), written
-    without atomics or locks; ``dweight = partials.sum(0)`` is the second, small reduction.
-    The mean is refined to the exact batch mean (``mean + sum(x - mean) / L``), as numba's.
+    ``_row_bwd``: a persistent grid of P programs (``programs()``: about 16 warps' worth per
+    SM, at most ``ROW_BWD_WARPS`` warps per row), each over a contiguous run of rows: dx per
+    row, and dweight/dbias partial sums over its rows accumulated in registers (one-pass) or in
+    its own row of the (P, L) float32 partial buffer (looped), written without atomics or
+    locks; ``_sum_partials`` is the second, small reduction into dweight/dbias. The three row
+    sums of the one-pass backward are independent (one round of reductions), and the mean is
+    refined to the exact batch mean (``mean + sum(x - mean) / L``), as numba's.
 
 channel pattern (BatchNorm, GroupNorm, InstanceNorm; (N, C, *S) and (N, *S, C))
-    Statistics are per (sample, channel) partial moments, merged on the host (small tensors):
-    ``_plane_moments`` / ``_plane_sums`` for channels-first (each (n, c) plane is a
-    contiguous row of S values; programs take BLOCK_R planes and loop over S), and
-    ``_col_moments`` / ``_col_sums`` for channels-last (a (B, P, column-block) grid: each
-    program reduces a run of rows of an (M, C) slab into per-column partials, again with
-    per-tile two-pass moments and Chan's merge; no atomics). ``_apply`` then writes
-    ``y = (x - mu) * a + c`` (forward) or ``dx = d * dy + (x - mu) * a + c`` (backward) with
-    per-(n, c) coefficients: two reads of x (three of x and dy in backward), as the
-    statistics are needed before any output.
+    Three launches per direction, no torch arithmetic in between:
+    ``_plane_moments`` / ``_col_moments`` write partial moments (B, P, C) (channels-first: one
+    partial per (n, c) plane, a contiguous row of S values; channels-last: a (B, P,
+    column-block) grid, each program reducing a run of rows of an (M, C) slab). Values are
+    accumulated elementwise, shifted by the mean of the first tile, with one reduction at the
+    end. ``_finalize_fwd`` merges the partials of each statistic (Chan's merge over P, then
+    the gs channels of a group) into mean, var, rstd and the per-(b, c) coefficients;
+    ``_apply`` writes ``y = (x - mu) * a + c``. Backward: ``_plane_sums`` / ``_col_sums``
+    (partial sums of dy, dy (x - mean), x - mean, the mean read from the statistics),
+    ``_finalize_bwd`` (the exact batch mean, dweight/dbias, the coefficients) and ``_apply``
+    (``dx = d * dy + (x - mu) * a + c``). Two reads of x forward, three of x and dy backward,
+    as the statistics are needed before any output.
 
 Statistics returned by the forward functions (``mean``, ``var``, ``rstd``) are float32 for
 16-bit inputs (the accumulation precision, as torch's CUDA kernels return them) and x's dtype
@@ -35,8 +40,10 @@ otherwise; ``dweight``/``dbias`` have the weight's dtype (x's when there is no w
 
 Block sizes and the persistent grid size are module attributes (``ROW_BLOCK_MAX``,
 ``ROW_LOOP_BLOCK``, ``PLANE_BLOCK_R``, ``PLANE_BLOCK_S``, ``PLANE_TILE``, ``COL_BLOCK_M``,
-``COL_BLOCK_K``, ``APPLY_BLOCK_R``, ``APPLY_BLOCK_C``, ``APPLY_TILE``, ``programs``): tests
-shrink them to force the looped and multi-program paths on small shapes.
+``COL_BLOCK_K``, ``COL_PER_SM``, ``APPLY_BLOCK_R``, ``APPLY_BLOCK_C``, ``APPLY_TILE``,
+``FIN_TILE``, ``SUM_BLOCK``, ``ROW_BWD_WARPS``, ``programs``): tests shrink them to force the
+looped and multi-program paths on small shapes. Every call is free of host synchronization and
+host-to-device copies, so it can be captured in a CUDA graph.
 
 Running on CPU tensors needs the Triton interpreter: ``TRITON_INTERPRET=1`` in the environment
 before this module (and its kernels) is imported. It is slow (a Python loop over programs), for
@@ -83,16 +90,18 @@ PLANE_TILE = 4096
 #: channels-last statistics: rows per tile, up to COL_BLOCK_K columns (channels) per program
 COL_BLOCK_M = 32
 COL_BLOCK_K = 64
-#: column partials: programs per SM of the persistent grid
-COL_PER_SM = 8
+#: column partials: programs per SM of the persistent grid (an H200 in bf16, 2026-12-04: 4 took
+#: 0-25% less GPU time than 8 and 16 on channels-last BatchNorm, GroupNorm and InstanceNorm)
+COL_PER_SM = 4
 #: elementwise apply: tiles of at least APPLY_BLOCK_R rows by up to APPLY_BLOCK_C columns,
 #: APPLY_TILE values (narrow rows: more rows per tile)
 APPLY_BLOCK_R = 16
 APPLY_BLOCK_C = 128
 APPLY_TILE = 2048
 #: row backward: at most this many warps per row, and about 16 warps' worth of programs per SM
-#: (measured on an H200 in bf16, 2026-12-04: 2 programs of 8 warps per SM for rows of 4096 and
-#: 8192 values, 8 programs of 2 warps for rows of 1024; 16 warps on 16384 values spilled)
+#: (an H200 in bf16, 2026-12-04: 2 programs of 8 warps per SM were best for rows of 4096 and 8192
+#: values, 8 programs of 2 warps for rows of 1024; 16 warps per row of 16384 values were slower
+#: than 8)
 ROW_BWD_WARPS = 8
 #: the column sums of the row backward's (programs, L) partial dweight/dbias
 SUM_BLOCK = 256
@@ -114,6 +123,13 @@ def unavailable(device: str) -> Optional[str]:
         return ("TRITON_INTERPRET is not set now (the kernels were built for the interpreter; "
                 "set it again to choose them for CPU tensors)")
     return _cannot_run(device)
+
+
+def availability_state() -> tuple:
+    """What ``unavailable`` depends on besides the device (the registry memoizes by it):
+    whether the kernels were built for the interpreter and whether TRITON_INTERPRET is set now.
+    (CUDA's presence is taken as fixed for the life of the process.)"""
+    return INTERPRET, _env_interpret()
 
 
 def _cannot_run(device: str) -> Optional[str]:
