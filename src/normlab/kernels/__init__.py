@@ -119,6 +119,7 @@ class Backend:
 _REGISTRY: dict = {}
 _DEVICE_DEFAULTS = {"cpu": "numba"}
 _LOADED: dict = {}          # name -> impl, or the exception its loader raised
+_HOOKED: list = []          # the loaded impls with an ``availability_state`` hook
 _RESOLVED: dict = {}        # (name, device) -> Backend, built once (cleared by register_backend)
 #: get_backend's answers per (name, $NORMLAB_BACKEND, device, dtype, _state()) as passed, for
 #: backends whose availability cannot change (no ``unavailable`` hook) or says what it depends
@@ -139,6 +140,7 @@ def register_backend(name: str, loader: Callable[[], object], *, devices=("cpu",
     """Add (or replace) a backend. ``loader()`` imports and returns the implementation lazily."""
     _REGISTRY[name] = _Entry(name, loader, tuple(devices), tuple(dtypes), description)
     _LOADED.pop(name, None)
+    _HOOKED[:] = [i for i in _LOADED.values() if hasattr(i, "availability_state")]
     _RESOLVED.clear()
     _CHOSEN.clear()
     for dev in default_for:
@@ -210,6 +212,7 @@ def _load(entry: _Entry):
             _LOADED[entry.name] = entry.loader()
         except Exception as e:  # ImportError, or numba failing to initialise
             _LOADED[entry.name] = e
+        _HOOKED[:] = [i for i in _LOADED.values() if hasattr(i, "availability_state")]
     return _LOADED[entry.name]
 
 
@@ -259,8 +262,7 @@ def get_backend(name: Optional[str] = None, *, device="cpu", dtype=None) -> Back
 def _state() -> tuple:
     """What the loaded backends say their availability depends on now (their optional
     ``availability_state()`` hooks, e.g. an environment variable read at each call)."""
-    return tuple(f() for f in (getattr(i, "availability_state", None) for i in _LOADED.values())
-                 if f is not None)
+    return tuple(impl.availability_state() for impl in _HOOKED) if _HOOKED else ()
 
 
 def _choose(name: Optional[str], env: Optional[str], dev: str, dt: Optional[str]) -> Backend:
