@@ -532,6 +532,17 @@ def _col_sums(DY, X, MEAN, SDY_P, SDYXC_P, SXC_P, M, K, rows_per_prog, P, NS, gs
 
 
 @triton.jit
+def _group_tile(G, gs, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Slab b (program 0), a block of groups g (program 1) with its mask, and the channels
+    c = g * gs + j of those groups ([BLOCK_G, BLOCK_J], mask cm)."""
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_J)
+    gm = g < G
+    return b, g, gm, gm[:, None] & (j < gs)[None, :], g[:, None] * gs + j[None, :]
+
+
+@triton.jit
 def _finalize_fwd(MEAN_P, M2_P, W, B, MEAN, VAR, RSTD, MU_C, A_C, C0_C, P, C, G, gs, per, M, eps,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr):
@@ -542,12 +553,7 @@ def _finalize_fwd(MEAN_P, M2_P, W, B, MEAN, VAR, RSTD, MU_C, A_C, C0_C, P, C, G,
     the per-(b, c) coefficients of ``_apply``: mu = mean, a = rstd * w, c0 = bias.
     ``GIVEN``: MEAN_P and M2_P are the given mean and var (C,) instead (inference; gs = 1).
     """
-    b = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    j = tl.arange(0, BLOCK_J)
-    gm = g < G
-    cm = gm[:, None] & (j < gs)[None, :]
-    c = g[:, None] * gs + j[None, :]
+    b, g, gm, cm, c = _group_tile(G, gs, BLOCK_G, BLOCK_J)
     if GIVEN:
         mean = tl.load(MEAN_P + g, mask=gm, other=0.0).to(ACC)
         var = tl.load(M2_P + g, mask=gm, other=1.0).to(ACC)
@@ -601,12 +607,7 @@ def _finalize_bwd(SDY_P, SDYXC_P, SXC_P, MEAN, RSTD, W, MU_C, A_C, D_C, C0_C, DW
     (mean + delta), dweight/dbias of slab b (DW, DB (B, C)), and the coefficients of ``_apply``
     for dx = (x - mu) * a + d * dy + c0 (training) or d * dy (given statistics).
     """
-    b = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    j = tl.arange(0, BLOCK_J)
-    gm = g < G
-    cm = gm[:, None] & (j < gs)[None, :]
-    c = g[:, None] * gs + j[None, :]
+    b, g, gm, cm, c = _group_tile(G, gs, BLOCK_G, BLOCK_J)
     co = b * C + c
     zero = tl.full([BLOCK_G, BLOCK_J], 0.0, ACC)
     rstd = tl.load(RSTD + b * G + g, mask=gm, other=0.0).to(ACC)
