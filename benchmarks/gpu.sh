@@ -6,8 +6,9 @@
 #      of a small CNN (both layouts) and a transformer block, aot_eager and inductor
 #      (GPU_COMPILE_CHECK);
 #   2. `normlab bench --device cuda`: the bf16 suite against torch eager and Liger-Kernel, the
-#      fp32 quick subset, then the bf16 quick subset against torch.compile (which compiles each
-#      case anew, so it gets the small subset and the time that is left).
+#      same channel-norm cases as CUDA-graph replays (GPU time without host overhead), the fp32
+#      quick subset, then the bf16 quick subset against torch.compile (which compiles each case
+#      anew, so it gets the small subset and the time that is left).
 #
 # Usage: bash benchmarks/gpu.sh OUTDIR     (from the repository root)
 #   PYTHON      the interpreter with a CUDA build of torch and triton (default python3)
@@ -47,6 +48,8 @@ step 200 $py -c "${check}GPU_COMPILE_CHECK)" tests
 
 bench() { step "$1" $py -m normlab bench --device cuda --out "$out" "${@:2}"; }
 bench 220 --dtype bfloat16 --peers eager,liger --repeat 5 --min-time 0.01 --tag "$day-bf16"
+bench 120 --cuda-graphs --dtype bfloat16 --peers eager,liger --repeat 5 --min-time 0.01 \
+    --cases '^(batch|group|instance)_norm|(layer|rms)_norm 32768x4096' --tag "$day-bf16-graphs"
 bench 90 --dtype float32 --quick --peers eager,liger --repeat 5 --min-time 0.01 --tag "$day-fp32-quick"
 bench "${COMPILE_LIMIT:-200}" --dtype bfloat16 --quick --peers compile --repeat 5 --min-time 0.01 \
     --tag "$day-bf16-compile-quick"
