@@ -981,11 +981,13 @@ class _Split:
     partial p covering ``min(per, M - p * per)`` of the slab's M values per channel. The partial
     buffers are (B, P, C); statistic (b, g) pools the partials of its gs channels."""
 
-    def __init__(self, lay, per_sample, G):
+    def __init__(self, lay, per_sample, G, partials=True):
         N, C, S = lay.N, lay.C, lay.S
         self.B, self.G, self.gs = _slabs(lay, per_sample), G, C // G
         self.NS = G if per_sample else 0            # statistic of row n: n * NS + c // gs
-        if not lay.cl:                              # one partial per (n, c) plane
+        if not partials:                            # given statistics: no partials to cut
+            self.P = self.per = self.M = 1
+        elif not lay.cl:                            # one partial per (n, c) plane
             self.P, self.per = (1 if per_sample else N), S
             self.M = self.P * S
         else:
@@ -1065,8 +1067,8 @@ def _channel_forward(x, G, weight, bias, eps, channels_last, per_sample, mean=No
              for _ in range(3)]
     if not x.numel():
         return (lay.restore(torch.empty_like(lay.x)),) + tuple(t.fill_(math.nan) for t in stats)
-    sp = _Split(lay, per_sample, G)
     given = mean is not None
+    sp = _Split(lay, per_sample, G, partials=not given)
     if given:
         mean_p, m2_p = _opt(mean, x, "mean").reshape(C), _opt(var, x, "var").reshape(C)
     else:
@@ -1100,8 +1102,8 @@ def _channel_backward(dy, x, G, weight, mean, rstd, channels_last, need_w, need_
     if not x.numel():
         z = torch.zeros(C, dtype=gdt, device=x.device)
         return lay.restore(dx), (z if need_w else None), (z.clone() if need_b else None)
-    sp = _Split(lay, per_sample, G)
     sums = bool(training or need_w or need_b)
+    sp = _Split(lay, per_sample, G, partials=sums)
     parts = _sums(lay, sp, dyp, mean_g, sd) if sums else [rstd_g] * 3
     coef = torch.empty((4, sp.B, C), dtype=sd, device=x.device)
     # dweight/dbias of each slab; with one slab (BatchNorm) they are the results themselves
