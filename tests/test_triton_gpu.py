@@ -2,8 +2,8 @@
 (forward and every gradient) against torch in float64 on the same device. Skipped without CUDA.
 
 It runs in a fresh process: test_triton_kernels.py builds the kernels for the interpreter in
-this one. ``GPU_CHECK`` also runs on CPU tensors in the interpreter with ``--small`` (that is how
-the script itself was checked on a machine without a GPU).
+this one. ``GPU_CHECK`` also runs on CPU tensors in the interpreter with ``--small``: the one
+test here that runs without a GPU does that, so the script stays runnable.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ GPU_CHECK = textwrap.dedent("""
              ("batch_norm", (4, 6, 5, 5) if small else (32, 64, 28, 28), False),
              ("batch_norm", (4, 6, 5, 5) if small else (32, 64, 28, 28), True),
              ("batch_norm", (16, 6) if small else (4096, 256), False),
+             ("batch_norm_eval", (4, 6, 5, 5) if small else (32, 64, 28, 28), False),
+             ("batch_norm_eval", (4, 6, 5, 5) if small else (32, 64, 28, 28), True),
              ("group_norm", (2, 8, 4, 4) if small else (8, 320, 32, 32), False),
              ("group_norm", (2, 8, 4, 4) if small else (8, 320, 32, 32), True),
              ("instance_norm", (2, 3, 2, 3, 4) if small else (2, 32, 16, 16, 16), False),
@@ -56,6 +58,12 @@ GPU_CHECK = textwrap.dedent("""
         if method == "batch_norm":
             return (lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
                     lambda x, w, b: TF.batch_norm(x, None, None, w, b, True), C)
+        if method == "batch_norm_eval":                # given (running) statistics
+            rm = torch.linspace(-1, 1, C, device=device)
+            rv = torch.linspace(0.5, 2, C, device=device)
+            return (lambda x, w, b: F.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), w, b, False),
+                    lambda x, w, b: TF.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), w, b, False),
+                    C)
         if method == "group_norm":
             return (lambda x, w, b: F.group_norm(x, G, w, b),
                     lambda x, w, b: TF.group_norm(x, G, w, b), C)
@@ -99,6 +107,16 @@ GPU_CHECK = textwrap.dedent("""
     print("failures:", len(failures))
     sys.exit(1 if failures else 0)
 """)
+
+
+def test_the_gpu_check_itself_runs_in_the_interpreter():
+    """GPU_CHECK on small CPU tensors in the Triton interpreter: the script (its cases, calls
+    and tolerances) stays runnable for the next machine with a GPU (about 5 s)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", NORMLAB_BACKEND="triton")
+    out = subprocess.run([sys.executable, "-c", GPU_CHECK, "cpu", "--small"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "failures: 0" in out.stdout and out.stdout.count(" ok") >= 150, out.stdout[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
