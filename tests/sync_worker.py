@@ -5,10 +5,11 @@
 MODE "cases": runs every case of CASES (two training steps, then eval) on this rank's share
 of a global batch and saves outputs, gradients, running statistics and collective counts, then
 three DDP training steps (run_ddp). MODE "dead-peer": rank
-1 leaves right after joining; rank 0 runs a forward and must fail with a clear error.
+1 leaves after joining (and one barrier); rank 0 runs a forward and must fail with a clear error.
 """
 
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -91,8 +92,13 @@ def main():
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=10))
     if mode == "dead-peer":
+        # both ranks finish joining first (a peer leaving while rank 0 is still inside
+        # init_process_group would fail there, not in SyncBatchNorm); then rank 1 leaves
+        # without taking part in the layer's collective
+        dist.barrier()
         if rank == 1:
-            sys.exit(0)          # leaves without taking part in the collective
+            time.sleep(0.5)      # let rank 0 leave the barrier before the connection closes
+            sys.exit(0)
         m = SyncBatchNorm(3).train()
         try:
             m(torch.randn(4, 3, 5))
