@@ -13,7 +13,8 @@
 # Usage: bash benchmarks/gpu.sh OUTDIR     (from the repository root)
 #   PYTHON      the interpreter with a CUDA build of torch and triton (default python3)
 #   WHEELS      a folder of extra wheels to install first, e.g. liger-kernel (default .whl)
-#   NORMLAB_GIT_COMMIT  the commit of this tree, recorded in the results when .git is absent
+#   NORMLAB_GIT_COMMIT  the commit of this tree, recorded in the results instead of what git
+#                       says (a copied tree's .git need not match its files)
 # Each step has its own time limit; the log of everything is OUTDIR/gpu.log.
 set -u
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}

@@ -109,21 +109,26 @@ GPU_CHECK = textwrap.dedent("""
 """)
 
 
+def _run(script, *args, timeout=900, **env):
+    """``script`` in a fresh interpreter with ``args``; the environment without TRITON_INTERPRET
+    and NORMLAB_BACKEND unless ``env`` sets them."""
+    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env={**base, **env}, timeout=timeout)
+
+
 def test_the_gpu_check_itself_runs_in_the_interpreter():
     """GPU_CHECK on small CPU tensors in the Triton interpreter: the script (its cases, calls
     and tolerances) stays runnable for the next machine with a GPU (about 5 s)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", NORMLAB_BACKEND="triton")
-    out = subprocess.run([sys.executable, "-c", GPU_CHECK, "cpu", "--small"], capture_output=True,
-                         text=True, env=env, timeout=300)
+    out = _run(GPU_CHECK, "cpu", "--small", timeout=300, TRITON_INTERPRET="1",
+               NORMLAB_BACKEND="triton")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "failures: 0" in out.stdout and out.stdout.count(" ok") >= 150, out.stdout[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_every_method_dtype_and_layout_on_the_gpu_matches_float64_torch():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
-    out = subprocess.run([sys.executable, "-c", GPU_CHECK, "cuda"], capture_output=True,
-                         text=True, env=env, timeout=900)
+    out = _run(GPU_CHECK, "cuda")
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert "failures: 0" in out.stdout
 
@@ -161,9 +166,6 @@ GPU_COMPILE_CHECK = textwrap.dedent("""
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compile_fullgraph_on_the_gpu_matches_eager():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
-    tests = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", GPU_COMPILE_CHECK, tests], capture_output=True,
-                         text=True, env=env, timeout=900)
+    out = _run(GPU_COMPILE_CHECK, os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert "compile checks: ok" in out.stdout

@@ -264,10 +264,7 @@ def time_cuda_graph(fn: Callable, repeat: int, min_time: float) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    try:
-        return time_cuda(graph.replay, repeat, min_time)
-    finally:
-        del graph
+    return time_cuda(graph.replay, repeat, min_time)
 
 
 def graph_warmup() -> Optional[str]:
@@ -535,7 +532,7 @@ def run(args) -> int:
         print(f"normlab bench: --peers {args.peers!r}: choose from {', '.join(PEERS)}, "
               f"comma-separated", file=err)
         return 2
-    graphs = bool(getattr(args, "cuda_graphs", False))
+    graphs = args.cuda_graphs
     if graphs and "compile" in peers:
         print("normlab bench: --cuda-graphs leaves out the compile peer (torch.compile has its own "
               "CUDA-graph mode)", file=err)

@@ -127,6 +127,11 @@ _RESOLVED: dict = {}        # (name, device) -> Backend, built once (cleared by 
 _CHOSEN: dict = {}
 
 
+def _rehook() -> None:
+    """List the loaded impls that have an ``availability_state`` hook (after a load or reset)."""
+    _HOOKED[:] = [i for i in _LOADED.values() if hasattr(i, "availability_state")]
+
+
 def _resolved(name: str, dev: str) -> Backend:
     impl = _LOADED[name]
     be = _RESOLVED.get((name, dev))
@@ -140,7 +145,7 @@ def register_backend(name: str, loader: Callable[[], object], *, devices=("cpu",
     """Add (or replace) a backend. ``loader()`` imports and returns the implementation lazily."""
     _REGISTRY[name] = _Entry(name, loader, tuple(devices), tuple(dtypes), description)
     _LOADED.pop(name, None)
-    _HOOKED[:] = [i for i in _LOADED.values() if hasattr(i, "availability_state")]
+    _rehook()
     _RESOLVED.clear()
     _CHOSEN.clear()
     for dev in default_for:
@@ -212,7 +217,7 @@ def _load(entry: _Entry):
             _LOADED[entry.name] = entry.loader()
         except Exception as e:  # ImportError, or numba failing to initialise
             _LOADED[entry.name] = e
-        _HOOKED[:] = [i for i in _LOADED.values() if hasattr(i, "availability_state")]
+        _rehook()
     return _LOADED[entry.name]
 
 
