@@ -123,6 +123,8 @@ def _bind_lock():
 
 
 def _size(a) -> int:
+    if type(a) is np.ndarray:
+        return a.size
     return a.numel() if A.is_tensor(a) else np.size(a)
 
 
@@ -292,19 +294,29 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
     _checks.check_eps(eps)
     _checks.check_stats_pair(mean, var, "batch_norm")
     xp, cl, swapped = A.layout(x, channels_last)
+    C = _channels(xp, cl)
+    w = _vec(call, weight, C, "weight", 1.0)
+    b = _vec(call, bias, C, "bias", 0.0)
+    if mean is None:
+        _checks.check_values_per_channel(xp.shape[0] * _spatial(xp, cl), x.shape, "batch_norm")
+    else:
+        mean = _vec(call, mean, C, "mean", 0.0)
+        var = _vec(call, var, C, "var", 1.0)
+    y, mean_o, var_o, rstd_o = _bn_forward(ks, xp, cl, w, b, eps, mean, var)
+    return call.out(A.restore(y, channels_last, swapped), mean_o, var_o, rstd_o)
+
+
+def _bn_forward(ks, xp, cl, w, b, eps, mean64, var64):
+    """Batch norm forward on a C-contiguous ``xp`` in its physical layout (``cl``: (N, *S, C));
+    w, b: float64 (C,); ``mean64``/``var64``: given float64 (C,) statistics, or None (training).
+    ``(y, mean, var, rstd)`` in xp's layout and dtype."""
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     count = N * inner
-    w = _vec(call, weight, C, "weight", 1.0)
-    b = _vec(call, bias, C, "bias", 0.0)
-    training = mean is None
+    training = mean64 is None
     dt = xp.dtype
     mean_o, var_o, rstd_o = np.empty(C, dt), np.empty(C, dt), np.empty(C, dt)   # as returned
-    if training:
-        _checks.check_values_per_channel(count, x.shape, "batch_norm")
-    else:
-        mean64 = _vec(call, mean, C, "mean", 0.0)
-        var64 = _vec(call, var, C, "var", 1.0)
+    if not training:
         if var64.min(initial=0.0) < 0:
             raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
         rstd64 = np.empty(C)
@@ -338,7 +350,7 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
     elif training:
         for a in (mean_o, var_o, rstd_o):
             a.fill(np.nan)
-    return call.out(A.restore(y, channels_last, swapped), mean_o, var_o, rstd_o)
+    return y, mean_o, var_o, rstd_o
 
 
 @_grain
@@ -355,13 +367,21 @@ def batch_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False, t
     dy = _like(call, dy, x.shape, "dy")
     xp, cl, swapped = A.layout(x, channels_last)
     dyp = A.same_layout(dy, cl, channels_last, swapped).astype(xp.dtype, copy=False)
-    N, C = xp.shape[0], _channels(xp, cl)
-    inner = _spatial(xp, cl)
-    count = N * inner
+    C = _channels(xp, cl)
     w = _vec(call, weight, C, "weight", 1.0)
     mean64 = _stat(call, mean, (C,), "mean")
     rstd64 = _stat(call, rstd, (C,), "rstd")
-    need_w, need_b = _want(need_weight_grad, weight), _want(need_bias_grad, weight)
+    dx, dweight, dbias = _bn_backward(ks, dyp, xp, cl, w, mean64, rstd64, training,
+                                      _want(need_weight_grad, weight), _want(need_bias_grad, weight))
+    return call.out(A.restore(dx, channels_last, swapped), dweight, dbias)
+
+
+def _bn_backward(ks, dyp, xp, cl, w, mean64, rstd64, training, need_w, need_b):
+    """Batch norm backward on C-contiguous ``dyp``, ``xp`` of one physical layout (``cl``); w,
+    mean64, rstd64: float64 (C,). ``(dx, dweight, dbias)``, the last two float64 or None."""
+    N, C = xp.shape[0], _channels(xp, cl)
+    inner = _spatial(xp, cl)
+    count = N * inner
     sums = bool(training or need_w or need_b)
     dx = _pool.empty(xp.shape, xp.dtype)
     dweight = dbias = None
@@ -394,8 +414,7 @@ def batch_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False, t
                                   mg, mgx, dxf, _DUMMY, _DUMMY, _DUMMY)
     elif need_w or need_b:
         dweight = dbias = np.zeros(C)
-    return call.out(A.restore(dx, channels_last, swapped),
-                    dweight if need_w else None, dbias if need_b else None)
+    return dx, dweight if need_w else None, dbias if need_b else None
 
 
 # --- LayerNorm / RMSNorm (row, per-element affine) -------------------------------------------
@@ -456,27 +475,47 @@ def _row_setup(call, normalized_shape, weight, bias, what):
     lead = x.shape[:x.ndim - len(shape)]
     w = _row_param(call, weight, shape, L, 1.0, "weight")
     b = None if bias is _NO_BIAS else _row_param(call, bias, shape, L, 0.0, "bias")
-    R = x.size // L
-    return np.ascontiguousarray(x), R, L, lead, shape, w, b
+    return np.ascontiguousarray(x), L, lead, shape, w, b
 
 
 def _row_forward(ks, call, normalized_shape, weight, bias, eps, centered, what):
-    xc, R, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
+    xc, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
+    y, mean, rstd = _row_fwd(ks, xc, L, w, b, eps, centered)
+    return y, mean.reshape(lead), rstd.reshape(lead)
+
+
+def _row_fwd(ks, xc, L, w, b, eps, centered):
+    """The row forward on a C-contiguous ``xc`` of rows of L values; w, b: (L,) contiguous in
+    xc's dtype. ``(y, mean, rstd)``, the statistics flat (R,) in xc's dtype."""
+    R = xc.size // L if L else 0
     y = _pool.empty(xc.shape, xc.dtype)
     mean, rstd = np.empty(R, xc.dtype), np.empty(R, xc.dtype)     # as returned: x's dtype
     if R:
         T, per = _row_tasks(R, L)
         ks.row_elem_forward(xc.reshape(-1), R, L, T, per, w, b, float(eps), centered,
                               y.reshape(-1), mean, rstd)
-    return y, mean.reshape(lead), rstd.reshape(lead)
+    return y, mean, rstd
 
 
 def _row_backward(ks, dy, x, normalized_shape, weight, mean, rstd, centered, need_w, need_b, what):
     call = _Call(x)
-    xc, R, L, lead, shape, w, _ = _row_setup(call, normalized_shape, weight, _NO_BIAS, what)
+    xc, L, lead, shape, w, _ = _row_setup(call, normalized_shape, weight, _NO_BIAS, what)
     dyc = np.ascontiguousarray(_like(call, dy, xc.shape, "dy"), dtype=xc.dtype)
+    R = math.prod(lead)
     mean64 = _stat(call, mean, lead, "mean") if centered else _filled(R, np.float64, 0.0)
     rstd64 = _stat(call, rstd, lead, "rstd")
+    dx, dweight, dbias = _row_bwd(ks, dyc, xc, L, w, mean64, rstd64, centered, need_w, need_b)
+    if need_w:
+        dweight = dweight.reshape(shape)
+    if need_b:
+        dbias = dbias.reshape(shape)
+    return call, dx, dweight, dbias
+
+
+def _row_bwd(ks, dyc, xc, L, w, mean64, rstd64, centered, need_w, need_b):
+    """The row backward on C-contiguous ``dyc``, ``xc``; w: (L,) in xc's dtype; mean64, rstd64:
+    float64 (R,). ``(dx, dweight, dbias)``, the last two float64 (L,) or None."""
+    R = xc.size // L if L else 0
     dx = _pool.empty(xc.shape, xc.dtype)
     grads = need_w or need_b
     T, per = _row_tasks(R, L, partials=True)
@@ -487,13 +526,10 @@ def _row_backward(ks, dy, x, normalized_shape, weight, mean, rstd, centered, nee
                                centered, grads, dx.reshape(-1), dwp, dbp)
     dweight = dbias = None
     if grads:
-        sums = _task_sum(part, T, L)               # (2, L): dweight, dbias
-        dweight = sums[0].reshape(shape) if need_w else None
-        dbias = sums[1].reshape(shape) if need_b else None
-    if grads and not R:
-        dweight = np.zeros(shape) if need_w else None
-        dbias = np.zeros(shape) if need_b else None
-    return call, dx, dweight, dbias
+        sums = _task_sum(part, T, L) if R else np.zeros((2, L))      # (2, L): dweight, dbias
+        dweight = sums[0] if need_w else None
+        dbias = sums[1] if need_b else None
+    return dx, dweight, dbias
 
 
 @_grain
@@ -541,10 +577,10 @@ def rms_norm_backward(ks, dy, x, normalized_shape, weight, rstd, *, need_weight_
 
 # --- GroupNorm / InstanceNorm (row on channels-first, column on channels-last) ---------------
 
-def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, want_var):
-    """Shared by group_norm (G groups) and instance_norm (G = C): ``y, mean, var, rstd`` (N, G)
-    in x's dtype (``var`` empty unless ``want_var``)."""
-    xp, cl, swapped = A.layout(x, channels_last)
+def _grouped_forward(ks, xp, cl, G, w, b, eps, want_var):
+    """Shared by group_norm (G groups) and instance_norm (G = C), on a C-contiguous ``xp`` in its
+    physical layout (``cl``: (N, *S, C)); w, b: float64 (C,). ``y, mean, var, rstd`` (N, G) in
+    x's dtype (``var`` empty unless ``want_var``), y in xp's layout."""
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     gs = C // G
@@ -566,17 +602,15 @@ def _grouped_forward(ks, call, x, G, w, b, eps, channels_last, want_var):
     var_o = np.empty((N, G) if want_var else 0, dt)
     _k.finish_moments(mean, m2, gs * inner if xp.size else 0, float(eps), mean_o.reshape(-1),
                       var_o.reshape(-1), rstd_o.reshape(-1), _EMPTY)
-    return A.restore(y, channels_last, swapped), mean_o, var_o, rstd_o
+    return y, mean_o, var_o, rstd_o
 
 
-def _grouped_backward(ks, call, dy, x, G, w, mean, rstd, channels_last, need_w, need_b):
-    xp, cl, swapped = A.layout(x, channels_last)
-    dyp = A.same_layout(dy, cl, channels_last, swapped).astype(xp.dtype, copy=False)
+def _grouped_backward(ks, dyp, xp, cl, G, w, mean64, rstd64, need_w, need_b):
+    """The grouped backward on C-contiguous ``dyp``, ``xp`` of one physical layout; w: float64
+    (C,); mean64, rstd64: float64 (N * G,). ``(dx, dweight, dbias)``, the last two float64."""
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     gs = C // G
-    mean64 = _stat(call, mean, (N, G), "mean")
-    rstd64 = _stat(call, rstd, (N, G), "rstd")
     dx = _pool.empty(xp.shape, xp.dtype)
     sdy, sdyx = np.zeros(N * C), np.zeros(N * C)
     if xp.size:
@@ -592,6 +626,22 @@ def _grouped_backward(ks, call, dy, x, G, w, mean, rstd, channels_last, need_w, 
                                   _DUMMY, _DUMMY, dxf, sdy, sdyx, _DUMMY)
     dweight = sdyx.reshape(N, C).sum(axis=0) if need_w else None
     dbias = sdy.reshape(N, C).sum(axis=0) if need_b else None
+    return dx, dweight, dbias
+
+
+def _grouped_call_forward(ks, call, G, w, b, eps, channels_last, want_var):
+    xp, cl, swapped = A.layout(call.x, channels_last)
+    y, mean, var, rstd = _grouped_forward(ks, xp, cl, G, w, b, eps, want_var)
+    return A.restore(y, channels_last, swapped), mean, var, rstd
+
+
+def _grouped_call_backward(ks, call, dy, G, w, mean, rstd, channels_last, need_w, need_b):
+    xp, cl, swapped = A.layout(call.x, channels_last)
+    dyp = A.same_layout(dy, cl, channels_last, swapped).astype(xp.dtype, copy=False)
+    N = xp.shape[0]
+    mean64 = _stat(call, mean, (N, G), "mean")
+    rstd64 = _stat(call, rstd, (N, G), "rstd")
+    dx, dweight, dbias = _grouped_backward(ks, dyp, xp, cl, G, w, mean64, rstd64, need_w, need_b)
     return A.restore(dx, channels_last, swapped), dweight, dbias
 
 
@@ -610,8 +660,8 @@ def group_norm_forward(ks, x, num_groups, weight, bias, eps, *, channels_last=Fa
                               "(N, C, *spatial)")
     _checks.check_eps(eps)
     _checks.check_groups(num_groups, C)
-    y, mean, _, rstd = _grouped_forward(ks, call, call.x, int(num_groups), w, b, eps,
-                                        channels_last, False)
+    y, mean, _, rstd = _grouped_call_forward(ks, call, int(num_groups), w, b, eps, channels_last,
+                                             False)
     return call.out(y, mean, rstd)
 
 
@@ -624,8 +674,8 @@ def group_norm_backward(ks, dy, x, num_groups, weight, mean, rstd, *, channels_l
                               "(N, C, *spatial)")
     _checks.check_groups(num_groups, C)
     dy = _like(call, dy, call.x.shape, "dy")
-    out = _grouped_backward(ks, call, dy, call.x, int(num_groups), w, mean, rstd, channels_last,
-                            _want(need_weight_grad, weight), _want(need_bias_grad, weight))
+    out = _grouped_call_backward(ks, call, dy, int(num_groups), w, mean, rstd, channels_last,
+                                 _want(need_weight_grad, weight), _want(need_bias_grad, weight))
     return call.out(*out)
 
 
@@ -650,7 +700,7 @@ def instance_norm_forward(ks, x, weight, bias, eps, *, channels_last=False):
                               "(N, C, *spatial) with at least one spatial dim")
     _checks.check_eps(eps)
     _instance_spatial_check(call.x, channels_last)
-    return call.out(*_grouped_forward(ks, call, call.x, C, w, b, eps, channels_last, True))
+    return call.out(*_grouped_call_forward(ks, call, C, w, b, eps, channels_last, True))
 
 
 @_grain
@@ -661,9 +711,86 @@ def instance_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False
     C, w, _ = _grouped_checks(call, call.x, channels_last, weight, None, "instance_norm", 3,
                               "(N, C, *spatial) with at least one spatial dim")
     dy = _like(call, dy, call.x.shape, "dy")
-    out = _grouped_backward(ks, call, dy, call.x, C, w, mean, rstd, channels_last,
-                            _want(need_weight_grad, weight), _want(need_bias_grad, weight))
+    out = _grouped_call_backward(ks, call, dy, C, w, mean, rstd, channels_last,
+                                 _want(need_weight_grad, weight), _want(need_bias_grad, weight))
     return call.out(*out)
+
+
+# --- unchecked entries (not part of the kernel contract) -------------------------------------
+#
+# normlab.nn's eager path calls the cores above through these, on NumPy views of tensors that
+# normlab.nn.functional has validated (shapes, dtypes, eps, groups, value counts): the checks
+# and conversions of the contract functions cost more than the kernels on small inputs
+# (LayerNorm 8 x 64: 5.7 + 12.4 us through the contract, 1.0 + 1.7 us in the kernels).
+# The caller guarantees: x (and dy) C-contiguous float32/float64 arrays in their physical
+# layout (``cl``: (N, *S, C)), dy of x's dtype; weight/bias/statistics of the shapes the
+# contract functions check. Results are as the contract functions return them (x's dtype),
+# still in the physical layout. Same cores, same results.
+
+def _f64(v, n, fill):
+    return _filled(n, np.float64, fill) if v is None else _kernel_array(v, np.float64).reshape(n)
+
+
+def _cast(v, dt):
+    return v if v is None or v.dtype == dt else v.astype(dt)
+
+
+@_grain
+def direct_batch_norm_forward(ks, xp, cl, weight, bias, eps, mean=None, var=None):
+    """``(y, mean, var, rstd)`` as ``batch_norm_forward`` (unchecked; see above)."""
+    C = _channels(xp, cl)
+    given = mean is not None
+    return _bn_forward(ks, xp, cl, _f64(weight, C, 1.0), _f64(bias, C, 0.0), eps,
+                       _f64(mean, C, 0.0) if given else None, _f64(var, C, 1.0) if given else None)
+
+
+@_grain
+def direct_batch_norm_backward(ks, dyp, xp, cl, weight, mean, rstd, training, need_w, need_b):
+    """``(dx, dweight, dbias)`` as ``batch_norm_backward`` (unchecked; see above)."""
+    C = _channels(xp, cl)
+    dx, dw, db = _bn_backward(ks, dyp, xp, cl, _f64(weight, C, 1.0), _f64(mean, C, 0.0),
+                              _f64(rstd, C, 1.0), training, need_w, need_b)
+    return dx, _cast(dw, xp.dtype), _cast(db, xp.dtype)
+
+
+@_grain
+def direct_grouped_forward(ks, xp, cl, G, weight, bias, eps, want_var):
+    """``(y, mean, var, rstd)``, statistics (N, G): group_norm (instance_norm: G = C)."""
+    C = _channels(xp, cl)
+    return _grouped_forward(ks, xp, cl, G, _f64(weight, C, 1.0), _f64(bias, C, 0.0), eps,
+                            want_var)
+
+
+@_grain
+def direct_grouped_backward(ks, dyp, xp, cl, G, weight, mean, rstd, need_w, need_b):
+    """``(dx, dweight, dbias)`` of group_norm / instance_norm (unchecked; see above)."""
+    C, n = _channels(xp, cl), xp.shape[0] * G
+    dx, dw, db = _grouped_backward(ks, dyp, xp, cl, G, _f64(weight, C, 1.0), _f64(mean, n, 0.0),
+                                   _f64(rstd, n, 1.0), need_w, need_b)
+    return dx, _cast(dw, xp.dtype), _cast(db, xp.dtype)
+
+
+def _row_vec(v, L, dt, fill):
+    return _filled(L, dt, fill) if v is None else _kernel_array(v, dt).reshape(L)
+
+
+@_grain
+def direct_row_forward(ks, xc, L, weight, bias, eps, centered):
+    """``(y, mean, rstd)`` of layer_norm (``centered``) or rms_norm over rows of L values, the
+    statistics flat (R,) (unchecked; see above)."""
+    dt = xc.dtype
+    return _row_fwd(ks, xc, L, _row_vec(weight, L, dt, 1.0), _row_vec(bias, L, dt, 0.0), eps,
+                    centered)
+
+
+@_grain
+def direct_row_backward(ks, dyc, xc, L, weight, mean, rstd, centered, need_w, need_b):
+    """``(dx, dweight, dbias)`` of layer_norm / rms_norm, dweight/dbias flat (L,) (unchecked)."""
+    dt, R = xc.dtype, xc.size // L
+    mean64 = _f64(mean, R, 0.0) if centered else _filled(R, np.float64, 0.0)
+    dx, dw, db = _row_bwd(ks, dyc, xc, L, _row_vec(weight, L, dt, 1.0), mean64, _f64(rstd, R, 1.0),
+                          centered, need_w, need_b)
+    return dx, _cast(dw, dt), _cast(db, dt)
 
 
 # --- column moments (not part of the kernel contract) ---------------------------------------

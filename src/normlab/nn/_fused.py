@@ -58,6 +58,7 @@ is copied. Other non-contiguous inputs are made contiguous once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -121,7 +122,9 @@ class Method:
     ``forward(be, x, weight, bias, mean, var, arg, eps, cl) -> (y, mean, var, rstd)`` and
     ``backward(be, dy, x, weight, mean, rstd, arg, cl, need_w, need_b) -> (dx, dw, db)`` call
     the backend (None for what a method does not produce); ``x``/``dy`` arrive as the kernel
-    should see them (``cl``: the ``(N, *spatial, C)`` view). ``stats_shape(x, arg)`` is the
+    should see them (``cl``: the ``(N, *spatial, C)`` view). ``direct_forward`` and
+    ``direct_backward`` take the same arguments with ``K`` (the numba_cpu module) for ``be``
+    and NumPy arrays for tensors, and call its unchecked entries (the eager CPU path). ``stats_shape(x, arg)`` is the
     shape of the returned mean/rstd; ``channel_pattern`` says whether channels-last inputs are
     kept as they are; ``composite(x, weight, bias, mean, var, arg, eps) -> y`` is the
     differentiable torch equivalent used for second-order gradients.
@@ -130,6 +133,8 @@ class Method:
     name: str
     forward: Callable
     backward: Callable
+    direct_forward: Callable
+    direct_backward: Callable
     stats_shape: Callable
     composite: Callable
     channel_pattern: bool
@@ -142,8 +147,17 @@ def _bn_train_fwd(be, x, w, b, mean, var, arg, eps, cl):
     return be.batch_norm_forward(x, w, b, eps, channels_last=cl)
 
 
+def _bn_train_direct(K, x, w, b, mean, var, arg, eps, cl):
+    return K.direct_batch_norm_forward(x, cl, w, b, eps)
+
+
 def _bn_eval_fwd(be, x, w, b, mean, var, arg, eps, cl):
     y, _, _, rstd = be.batch_norm_forward(x, w, b, eps, channels_last=cl, mean=mean, var=var)
+    return y, None, None, rstd
+
+
+def _bn_eval_direct(K, x, w, b, mean, var, arg, eps, cl):
+    y, _, _, rstd = K.direct_batch_norm_forward(x, cl, w, b, eps, mean, var)
     return y, None, None, rstd
 
 
@@ -154,8 +168,18 @@ def _bn_bwd(training):
     return backward
 
 
+def _bn_bwd_direct(training):
+    def backward(K, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+        return K.direct_batch_norm_backward(dy, x, cl, w, mean, rstd, training, need_w, need_b)
+    return backward
+
+
 def _in_fwd(be, x, w, b, mean, var, arg, eps, cl):
     return be.instance_norm_forward(x, w, b, eps, channels_last=cl)
+
+
+def _in_direct(K, x, w, b, mean, var, arg, eps, cl):
+    return K.direct_grouped_forward(x, cl, x.shape[-1 if cl else 1], w, b, eps, True)
 
 
 def _in_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
@@ -163,8 +187,18 @@ def _in_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
                                      need_weight_grad=need_w, need_bias_grad=need_b)
 
 
+def _in_bwd_direct(K, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+    return K.direct_grouped_backward(dy, x, cl, x.shape[-1 if cl else 1], w, mean, rstd, need_w,
+                                     need_b)
+
+
 def _gn_fwd(be, x, w, b, mean, var, arg, eps, cl):
     y, m, r = be.group_norm_forward(x, arg[0], w, b, eps, channels_last=cl)
+    return y, m, None, r
+
+
+def _gn_direct(K, x, w, b, mean, var, arg, eps, cl):
+    y, m, _, r = K.direct_grouped_forward(x, cl, arg[0], w, b, eps, False)
     return y, m, None, r
 
 
@@ -173,14 +207,36 @@ def _gn_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
                                   need_weight_grad=need_w, need_bias_grad=need_b)
 
 
+def _gn_bwd_direct(K, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+    return K.direct_grouped_backward(dy, x, cl, arg[0], w, mean, rstd, need_w, need_b)
+
+
 def _ln_fwd(be, x, w, b, mean, var, arg, eps, cl):
     y, m, r = be.layer_norm_forward(x, tuple(arg), w, b, eps)
     return y, m, None, r
 
 
+def _row_direct(centered):
+    def forward(K, x, w, b, mean, var, arg, eps, cl):
+        y, m, r = K.direct_row_forward(x, math.prod(arg), w, b, eps, centered)
+        lead = x.shape[:x.ndim - len(arg)]
+        return y, m.reshape(lead) if centered else None, None, r.reshape(lead)
+    return forward
+
+
 def _ln_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
     return be.layer_norm_backward(dy, x, tuple(arg), w, mean, rstd, need_weight_grad=need_w,
                                   need_bias_grad=need_b)
+
+
+def _row_bwd_direct(centered):
+    def backward(K, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
+        dx, dw, db = K.direct_row_backward(dy, x, math.prod(arg), w, mean, rstd, centered, need_w,
+                                           need_b and centered)
+        shape = tuple(arg)
+        return (dx, None if dw is None else dw.reshape(shape),
+                None if db is None else db.reshape(shape))
+    return backward
 
 
 def _rms_fwd(be, x, w, b, mean, var, arg, eps, cl):
@@ -210,22 +266,25 @@ def _per_row(x, arg):
 
 
 METHODS = {m.name: m for m in (
-    Method("batch_norm_train", _bn_train_fwd, _bn_bwd(True), _per_channel,
+    Method("batch_norm_train", _bn_train_fwd, _bn_bwd(True), _bn_train_direct,
+           _bn_bwd_direct(True), _per_channel,
            lambda x, w, b, mean, var, arg, eps: _composite.batch_norm(x, w, b, eps)[0],
            channel_pattern=True, returns_var=True),
-    Method("batch_norm_eval", _bn_eval_fwd, _bn_bwd(False), _per_channel,
+    Method("batch_norm_eval", _bn_eval_fwd, _bn_bwd(False), _bn_eval_direct,
+           _bn_bwd_direct(False), _per_channel,
            lambda x, w, b, mean, var, arg, eps: _composite.batch_norm(x, w, b, eps, mean, var)[0],
            channel_pattern=True, given_stats=True, returns_mean=False),
-    Method("instance_norm", _in_fwd, _in_bwd, _per_instance,
+    Method("instance_norm", _in_fwd, _in_bwd, _in_direct, _in_bwd_direct, _per_instance,
            lambda x, w, b, mean, var, arg, eps: _composite.instance_norm(x, w, b, eps)[0],
            channel_pattern=True, returns_var=True),
-    Method("group_norm", _gn_fwd, _gn_bwd, _per_group,
+    Method("group_norm", _gn_fwd, _gn_bwd, _gn_direct, _gn_bwd_direct, _per_group,
            lambda x, w, b, mean, var, arg, eps: _composite.group_norm(x, arg[0], w, b, eps),
            channel_pattern=True),
-    Method("layer_norm", _ln_fwd, _ln_bwd, _per_row,
+    Method("layer_norm", _ln_fwd, _ln_bwd, _row_direct(True), _row_bwd_direct(True), _per_row,
            lambda x, w, b, mean, var, arg, eps: _composite.layer_norm(x, tuple(arg), w, b, eps),
            channel_pattern=False),
-    Method("rms_norm", _rms_fwd, _rms_bwd, _per_row,
+    Method("rms_norm", _rms_fwd, _rms_bwd, _row_direct(False), _row_bwd_direct(False),
+           _per_row,
            lambda x, w, b, mean, var, arg, eps: _composite.rms_norm(x, tuple(arg), w, eps),
            channel_pattern=False, returns_mean=False),
 )}
@@ -263,29 +322,55 @@ def _output_like(method: Method, x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, be=None):
-    """The forward kernel on x as the kernel reads it; ``(y, mean, var, rstd)`` as the op
-    returns them. ``be``: the backend, when the caller resolved it already."""
+def _np(t: Optional[Tensor]):
+    return None if t is None else t.detach().numpy()
+
+
+def _tensors(arrays) -> tuple:
+    return tuple(None if a is None else torch.from_numpy(a) for a in arrays)
+
+
+def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, be=None, *,
+                 op=False):
+    """The forward kernel on x as the kernel reads it: ``(y, mean, var, rstd)``. ``be``: the
+    backend, when the caller resolved it already.
+
+    ``op``: for the custom op, whose inputs nothing has checked (it can be called as
+    ``torch.ops.normlab.*`` directly): the backend's contract functions, which validate, and
+    empty tensors for the statistics a method does not produce. Otherwise (the eager path,
+    inputs validated by ``normlab.nn.functional``) the numba backend's unchecked entries run
+    on NumPy views, and what is not produced is None."""
     xk, cl = _kernel_view(method, x)
-    y, m, v, r = method.forward(be or _backend(x), xk, weight, bias, mean, var, arg, eps, cl)
+    be = be or _backend(x)
+    if be.name == BACKEND and not op:
+        y, m, v, r = _tensors(method.direct_forward(be.impl, _np(xk), _np(weight), _np(bias),
+                                                    _np(mean), _np(var), arg, eps, cl))
+        return _own_layout(y, cl), m, v, r
+    y, m, v, r = method.forward(be, xk, weight, bias, mean, var, arg, eps, cl)
     sd = _stat_dtype(x)
     return _own_layout(y, cl), _or_empty(m, x, sd), _or_empty(v, x, sd), _or_empty(r, x, sd)
 
 
 def _run_backward(method: Method, dy: Tensor, x: Tensor, weight, mean, rstd, arg, need_weight_grad,
-                  need_bias_grad, be=None):
-    """The backward kernel: ``(dx, dweight, dbias)`` as the op returns (empty when not asked)."""
+                  need_bias_grad, be=None, *, op=False):
+    """The backward kernel: ``(dx, dweight, dbias)``, None (``op``: empty) where not asked."""
     xk, cl = _kernel_view(method, x)
     dyk = (dy.movedim(1, -1) if cl else dy).contiguous()
-    dx, dw, db = method.backward(be or _backend(x), dyk, xk, weight, mean, rstd, arg, cl,
-                                 need_weight_grad, need_bias_grad)
+    be = be or _backend(x)
+    if be.name == BACKEND and not op:
+        dx, dw, db = _tensors(method.direct_backward(be.impl, _np(dyk), _np(xk), _np(weight),
+                                                     _np(mean), _np(rstd), arg, cl,
+                                                     need_weight_grad, need_bias_grad))
+        return _own_layout(dx, cl), dw, db
+    dx, dw, db = method.backward(be, dyk, xk, weight, mean, rstd, arg, cl, need_weight_grad,
+                                 need_bias_grad)
     return _own_layout(dx, cl), _or_empty(dw, x), _or_empty(db, x)
 
 
 def _save(ctx, method: Method, x, weight, bias, mean, var, arg, eps, output):
     """What the backward needs (both paths): the statistics outputs are not differentiable."""
     _, m, v, r = output
-    ctx.mark_non_differentiable(m, v, r)
+    ctx.mark_non_differentiable(*(t for t in (m, v, r) if t is not None))
     ctx.set_materialize_grads(False)         # no zero-filled gradients for the statistics
     saved_mean = mean if method.given_stats else m
     ctx.save_for_backward(x, weight, bias, saved_mean, var, r)
@@ -320,7 +405,7 @@ def _define(method: Method):
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                 var: Optional[Tensor], arg: Sequence[int], eps: float
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _run_forward(method, x, weight, bias, mean, var, arg, eps)
+        return _run_forward(method, x, weight, bias, mean, var, arg, eps, op=True)
 
     forward.__name__ = name
     fwd_op = torch.library.custom_op(f"normlab::{name}", forward, mutates_args=(),
@@ -338,7 +423,7 @@ def _define(method: Method):
                  arg: Sequence[int], need_weight_grad: bool, need_bias_grad: bool
                  ) -> tuple[Tensor, Tensor, Tensor]:
         return _run_backward(method, dy, x, weight, mean, rstd, arg, need_weight_grad,
-                             need_bias_grad)
+                             need_bias_grad, op=True)
 
     backward.__name__ = f"{name}_backward"
     bwd_op = torch.library.custom_op(f"normlab::{name}_backward", backward, mutates_args=(),
