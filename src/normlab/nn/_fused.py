@@ -36,13 +36,19 @@ or ``torch.export`` tracing, no ``TorchDispatchMode`` such as fake tensors or ``
 functorch transform, plain tensors) the entry points skip the dispatcher: a
 ``torch.autograd.Function`` per method (``EAGER_FUNCTIONS``) calls the same ``_run_forward`` /
 ``_run_backward`` and computes the same gradients (``_input_grads``), or, where no gradient is
-wanted, ``_run_forward`` is called directly. The dispatcher's cost is larger than a small
-kernel's: ``normlab.nn.functional.layer_norm`` forward + backward, one thread, on the 2-core
-development machine measured 315 us through the ops and 255 us eagerly on 8 x 64, 432 and 258 us
-on 32 x 1024 (torch: 28 and 65 us; the rest of the gap is Python glue around the kernels, which
-take a few us on such inputs). Everywhere else the custom ops run, so compiled graphs and
-dispatch modes see ``normlab::`` ops. The two paths give bit-identical results (tested);
-``EAGER = False`` forces the ops.
+wanted, ``_run_forward`` is called directly. On CPU that path also skips the kernel
+contract's validation: its inputs were checked by ``normlab.nn.functional``, so it calls the
+numba backend's unchecked ``direct_*`` entries on NumPy views (the same cores the checked
+functions run); the custom ops, which can be called directly with anything, keep the checked
+functions. ``normlab.nn.functional.layer_norm`` forward + backward, one thread, on the 2-core
+development machine (``benchmarks/eager_overhead.py``): 8 x 64 72 us eagerly (87 us before
+the direct entries), 140 us through the ops, torch 21 us; 32 x 1024: 113 (127), 187 and 39 us.
+Of the 72 us: the kernels 2.7 us, ``_run_forward`` + ``_run_backward`` (the kernel calls with
+the tensor conversions) 25 us, an empty ``autograd.Function`` with two saved tensors 23 us,
+the method's Function around the run functions 10 us, ``_call`` 3 us and the functional's
+checks 12 us. Everywhere else the custom ops
+run, so compiled graphs and dispatch modes see ``normlab::`` ops. The two paths give
+bit-identical results (tested); ``EAGER = False`` forces the ops.
 
 Double backward: when the backward runs with ``create_graph=True`` (grad mode on), it
 differentiates the method's torch composite (``_composite``) instead of calling the kernel, so
