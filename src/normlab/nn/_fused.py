@@ -46,9 +46,9 @@ the direct entries), 140 us through the ops, torch 21 us; 32 x 1024: 113 (127), 
 Of the 72 us: the kernels 2.7 us, ``_run_forward`` + ``_run_backward`` (the kernel calls with
 the tensor conversions) 25 us, an empty ``autograd.Function`` with two saved tensors 23 us,
 the method's Function around the run functions 10 us, ``_call`` 3 us and the functional's
-checks 12 us. Everywhere else the custom ops
-run, so compiled graphs and dispatch modes see ``normlab::`` ops. The two paths give
-bit-identical results (tested); ``EAGER = False`` forces the ops.
+checks 12 us. Everywhere else the custom ops run, so compiled graphs and dispatch modes see
+``normlab::`` ops. The two paths give bit-identical results (tested); ``EAGER = False`` forces
+the ops.
 
 Double backward: when the backward runs with ``create_graph=True`` (grad mode on), it
 differentiates the method's torch composite (``_composite``) instead of calling the kernel, so
