@@ -465,6 +465,15 @@ def test_bad_input_error_names_the_value():
         NF.batch_norm(torch.randn(1, 3), None, None, training=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fused", "composite"])
+def test_batch_statistics_of_one_value_raise_without_running_stats_too(dtype):
+    """Evaluation mode without running statistics normalizes with the batch's: one value per
+    channel would give zeros silently (torch raises too, 'running_mean must be defined')."""
+    x = torch.randn(1, 3, dtype=dtype, requires_grad=True)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 3\)"):
+        NF.batch_norm(x, None, None, training=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True)
 # ---------------------------------------------------------------------------------------------

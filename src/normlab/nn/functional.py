@@ -278,8 +278,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     count = input.numel() // C if C else 0
     if count == 0:  # an empty batch: empty output, running statistics left as they are
         return input.clone()
-    if training:
-        _checks.check_values_per_channel(count, input.shape, "batch_norm")
+    _checks.check_values_per_channel(count, input.shape, "batch_norm")   # batch statistics
     if _use_fused(input, weight, bias):
         y, mean, var = _fused.batch_norm_train(input, weight, bias, eps)
     else:
