@@ -72,6 +72,7 @@ import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
 
+from ..kernels import get_backend
 from . import _composite
 
 __all__ = ["METHODS", "OPS", "EAGER_FUNCTIONS", "EAGER", "BACKEND", "BACKENDS", "DEVICE_BACKENDS",
@@ -86,8 +87,6 @@ DEVICE_BACKENDS = {"cpu": BACKEND, "cuda": "triton"}
 
 
 def _backend(x: Tensor):
-    from ..kernels import get_backend
-
     dev = x.device.type
     be = get_backend(None, device=dev, dtype=x.dtype)
     if be.name not in BACKENDS:
@@ -332,8 +331,8 @@ def _np(t: Optional[Tensor]):
     return None if t is None else t.detach().numpy()
 
 
-def _tensors(arrays) -> tuple:
-    return tuple(None if a is None else torch.from_numpy(a) for a in arrays)
+def _tensor(a):
+    return None if a is None else torch.from_numpy(a)
 
 
 def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, be=None, *,
@@ -349,9 +348,10 @@ def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, b
     xk, cl = _kernel_view(method, x)
     be = be or _backend(x)
     if be.name == BACKEND and not op:
-        y, m, v, r = _tensors(method.direct_forward(be.impl, _np(xk), _np(weight), _np(bias),
-                                                    _np(mean), _np(var), arg, eps, cl))
-        return _own_layout(y, cl), m, v, r
+        y, m, v, r = method.direct_forward(be.impl, xk.detach().numpy(), _np(weight), _np(bias),
+                                           _np(mean), _np(var), arg, eps, cl)
+        y = torch.from_numpy(y)
+        return _own_layout(y, cl) if cl else y, _tensor(m), _tensor(v), _tensor(r)
     y, m, v, r = method.forward(be, xk, weight, bias, mean, var, arg, eps, cl)
     sd = _stat_dtype(x)
     return _own_layout(y, cl), _or_empty(m, x, sd), _or_empty(v, x, sd), _or_empty(r, x, sd)
@@ -364,10 +364,11 @@ def _run_backward(method: Method, dy: Tensor, x: Tensor, weight, mean, rstd, arg
     dyk = (dy.movedim(1, -1) if cl else dy).contiguous()
     be = be or _backend(x)
     if be.name == BACKEND and not op:
-        dx, dw, db = _tensors(method.direct_backward(be.impl, _np(dyk), _np(xk), _np(weight),
-                                                     _np(mean), _np(rstd), arg, cl,
-                                                     need_weight_grad, need_bias_grad))
-        return _own_layout(dx, cl), dw, db
+        dx, dw, db = method.direct_backward(be.impl, dyk.detach().numpy(), xk.detach().numpy(),
+                                            _np(weight), _np(mean), rstd.numpy(), arg, cl,
+                                            need_weight_grad, need_bias_grad)
+        dx = torch.from_numpy(dx)
+        return _own_layout(dx, cl) if cl else dx, _tensor(dw), _tensor(db)
     dx, dw, db = method.backward(be, dyk, xk, weight, mean, rstd, arg, cl, need_weight_grad,
                                  need_bias_grad)
     return _own_layout(dx, cl), _or_empty(dw, x), _or_empty(db, x)
@@ -376,7 +377,7 @@ def _run_backward(method: Method, dy: Tensor, x: Tensor, weight, mean, rstd, arg
 def _save(ctx, method: Method, x, weight, bias, mean, var, arg, eps, output):
     """What the backward needs (both paths): the statistics outputs are not differentiable."""
     _, m, v, r = output
-    ctx.mark_non_differentiable(*(t for t in (m, v, r) if t is not None))
+    ctx.mark_non_differentiable(*[t for t in (m, v, r) if t is not None])
     ctx.set_materialize_grads(False)         # no zero-filled gradients for the statistics
     saved_mean = mean if method.given_stats else m
     ctx.save_for_backward(x, weight, bias, saved_mean, var, r)
@@ -502,8 +503,12 @@ def plain_eager() -> bool:
 def _eager_ok(*tensors) -> bool:
     """The eager path applies in ``plain_eager`` code (dispatch modes see the ``normlab::`` ops)
     and on plain tensors (subclasses get the ops)."""
-    return (EAGER and plain_eager()
-            and all(t is None or type(t) in _PLAIN for t in tensors))
+    if not (EAGER and plain_eager()):
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
 
 
 OPS = {name: _define(m) for name, m in METHODS.items()}
@@ -515,7 +520,8 @@ def _call(name, x, weight, bias, mean, var, arg, eps):
     eps = float(eps)
     if not _eager_ok(x, weight, bias, mean, var):
         return OPS[name][0](x, weight, bias, mean, var, arg, eps)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
         return EAGER_FUNCTIONS[name].apply(x, weight, bias, mean, var, arg, eps)
     return _run_forward(METHODS[name], x, weight, bias, mean, var, arg, eps)
 

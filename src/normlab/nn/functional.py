@@ -163,8 +163,10 @@ def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_ba
         return False
     if not _fused.plain_eager():
         return False
-    from ..kernels._numba_kernels import fold_running
-
+    if not _FOLD:                                 # numba is imported on first use only
+        from ..kernels._numba_kernels import fold_running
+        _FOLD.append(fold_running)
+    fold_running = _FOLD[0]
     none = _NO_STATS[dt]
     corr = count / max(count - 1, 1)             # biased -> unbiased variance
     nbt = _NO_COUNT if num_batches_tracked is None else num_batches_tracked.numpy().reshape(1)
@@ -179,6 +181,7 @@ def _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_ba
     return True
 
 
+_FOLD: list = []             # [kernels._numba_kernels.fold_running] once imported
 _NO_COUNT = np.empty(0, np.int64)
 _NO_STATS = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
