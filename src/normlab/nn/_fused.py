@@ -129,10 +129,10 @@ class Method:
     the backend (None for what a method does not produce); ``x``/``dy`` arrive as the kernel
     should see them (``cl``: the ``(N, *spatial, C)`` view). ``direct_forward`` and
     ``direct_backward`` take the same arguments with ``K`` (the numba_cpu module) for ``be``
-    and NumPy arrays for tensors, and call its unchecked entries (the eager CPU path). ``stats_shape(x, arg)`` is the
-    shape of the returned mean/rstd; ``channel_pattern`` says whether channels-last inputs are
-    kept as they are; ``composite(x, weight, bias, mean, var, arg, eps) -> y`` is the
-    differentiable torch equivalent used for second-order gradients.
+    and NumPy arrays for tensors, and call its unchecked entries (the eager CPU path).
+    ``stats_shape(x, arg)`` is the shape of the returned mean/rstd; ``channel_pattern`` says
+    whether channels-last inputs are kept as they are; ``composite(x, weight, bias, mean, var,
+    arg, eps) -> y`` is the differentiable torch equivalent used for second-order gradients.
     """
 
     name: str
@@ -237,7 +237,7 @@ def _ln_bwd(be, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
 def _row_bwd_direct(centered):
     def backward(K, dy, x, w, mean, rstd, arg, cl, need_w, need_b):
         dx, dw, db = K.direct_row_backward(dy, x, math.prod(arg), w, mean, rstd, centered, need_w,
-                                           need_b and centered)
+                                           need_b)
         shape = tuple(arg)
         return (dx, None if dw is None else dw.reshape(shape),
                 None if db is None else db.reshape(shape))
@@ -350,8 +350,7 @@ def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, b
     if be.name == BACKEND and not op:
         y, m, v, r = method.direct_forward(be.impl, xk.detach().numpy(), _np(weight), _np(bias),
                                            _np(mean), _np(var), arg, eps, cl)
-        y = torch.from_numpy(y)
-        return _own_layout(y, cl) if cl else y, _tensor(m), _tensor(v), _tensor(r)
+        return _own_layout(torch.from_numpy(y), cl), _tensor(m), _tensor(v), _tensor(r)
     y, m, v, r = method.forward(be, xk, weight, bias, mean, var, arg, eps, cl)
     sd = _stat_dtype(x)
     return _own_layout(y, cl), _or_empty(m, x, sd), _or_empty(v, x, sd), _or_empty(r, x, sd)
@@ -367,8 +366,7 @@ def _run_backward(method: Method, dy: Tensor, x: Tensor, weight, mean, rstd, arg
         dx, dw, db = method.direct_backward(be.impl, dyk.detach().numpy(), xk.detach().numpy(),
                                             _np(weight), _np(mean), rstd.numpy(), arg, cl,
                                             need_weight_grad, need_bias_grad)
-        dx = torch.from_numpy(dx)
-        return _own_layout(dx, cl) if cl else dx, _tensor(dw), _tensor(db)
+        return _own_layout(torch.from_numpy(dx), cl), _tensor(dw), _tensor(db)
     dx, dw, db = method.backward(be, dyk, xk, weight, mean, rstd, arg, cl, need_weight_grad,
                                  need_bias_grad)
     return _own_layout(dx, cl), _or_empty(dw, x), _or_empty(db, x)
