@@ -266,6 +266,49 @@ def test_eager_path_without_grad_and_under_a_dispatch_mode():
     assert torch.equal(y, y2.detach())
 
 
+@pytest.mark.parametrize("method", ["bn", "in", "gn", "ln", "rms"])
+def test_eager_path_takes_strided_parameters_and_an_expanded_grad(method):
+    """The eager path hands the kernels NumPy views without re-validating: a weight and bias
+    that are strided views (copied once, never read out of bounds) and the stride-0 ``dy`` of
+    ``y.sum().backward()`` give torch's values and gradients, on the fused path (``_record``)."""
+    g = torch.Generator().manual_seed(3)
+    C = 5 if method in ("ln", "rms") else 6
+    calls = {
+        "bn": lambda F, x, w, b: F.batch_norm(x, None, None, w, b, True),
+        "in": lambda F, x, w, b: F.instance_norm(x, None, None, w, b),
+        "gn": lambda F, x, w, b: F.group_norm(x, 3, w, b),
+        "ln": lambda F, x, w, b: F.layer_norm(x, (C,), w, b),
+        "rms": lambda F, x, w, b: F.rms_norm(x, (C,), w, 1e-6),
+    }
+    x0 = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    p0 = torch.randn(C, 2, generator=g, dtype=torch.float64)
+
+    def run(F):
+        x, p = x0.clone().requires_grad_(), p0.clone().requires_grad_()
+        w, b = p[:, 0], p[:, 1]                  # views with stride 2
+        assert not w.is_contiguous()
+        y = calls[method](F, x, w, b)
+        y.sum().backward()                       # dy: an expanded (stride 0) tensor
+        return y, x.grad, p.grad
+
+    with _record() as rec:
+        ours = run(NF)
+    assert rec.ops == [_expected_op(method, {}), _expected_op(method, {}) + "_backward"], rec.ops
+    for a, e in zip(ours, run(TF)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_norm_module_trains_under_inference_mode():
+    """Inference tensors reach the kernels through NumPy views too (running statistics updated)."""
+    m, t = nl.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.inference_mode():
+        y, yt = m(x), t(x)
+    torch.testing.assert_close(y, yt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.running_var, t.running_var, rtol=1e-6, atol=1e-6)
+    assert int(m.num_batches_tracked) == 1
+
+
 def test_statistics_outputs_are_not_differentiable():
     x = torch.randn(4, 3, 5, requires_grad=True)
     y, mean, var = _fused.batch_norm_train(x, None, None, 1e-5)
