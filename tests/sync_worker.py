@@ -8,6 +8,7 @@ three DDP training steps (run_ddp). MODE "dead-peer": rank
 1 leaves after joining (and one barrier); rank 0 runs a forward and must fail with a clear error.
 """
 
+import os
 import sys
 import time
 from datetime import timedelta
@@ -103,8 +104,12 @@ def main():
         try:
             m(torch.randn(4, 3, 5))
         except RuntimeError as e:
-            print("ERROR:", e)
-            sys.exit(3)
+            print("ERROR:", e, flush=True)
+            # os._exit: the broken gloo process group's teardown at interpreter exit aborts
+            # now and then ("terminate called without an active exception", rc -6: 1 of 6 and
+            # 1 of 8 isolated runs on the development machine). That is torch's teardown after
+            # the error under test, not the error.
+            os._exit(3)
         sys.exit(0)
     results = {}
     for i, (name, shape, sizes, cl, momentum, affine, dtype) in cases_for(world):
