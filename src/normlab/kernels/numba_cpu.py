@@ -227,11 +227,9 @@ class _Call:
         dt, as_tensor = self.dtype, self.torch
         res = []
         for a in arrays:
-            if a is not None:
-                if a.dtype != dt:
-                    a = a.astype(dt)
-                if as_tensor:
-                    a = A.from_numpy(a, True)
+            a = _cast(a, dt)
+            if as_tensor:
+                a = A.from_numpy(a, True)
             res.append(a)
         return tuple(res)
 
@@ -254,7 +252,17 @@ def _stat(call, v, shape, name):
     n = math.prod(shape)
     if v.size != n:
         raise ValueError(f"{name} must have {n} values (shape {tuple(shape)}), got shape {tuple(v.shape)}")
-    return _kernel_array(v, np.float64).reshape(n)
+    return _param(v, n, np.float64, None)
+
+
+def _param(v, n: int, dtype, fill) -> np.ndarray:
+    """A parameter or statistic as a contiguous (n,) kernel array of ``dtype``, ``fill``
+    everywhere when None (unchecked: the callers check shapes first, or trust their caller)."""
+    return _filled(n, dtype, fill) if v is None else _kernel_array(v, dtype).reshape(n)
+
+
+def _cast(v, dt):
+    return v if v is None or v.dtype == dt else v.astype(dt)
 
 
 def _kernel_array(v: np.ndarray, dtype) -> np.ndarray:
@@ -453,7 +461,7 @@ def _vec(call, v, C, name, fill):
         v = call.arr(v, name)
     if v.shape != (C,):
         _checks.check_vector(v, C, name)
-    return _kernel_array(v, np.float64)
+    return _param(v, C, np.float64, fill)
 
 
 def _row_param(call, v, shape, L, fill, name):
@@ -464,7 +472,7 @@ def _row_param(call, v, shape, L, fill, name):
         v = call.arr(v, name)
     if v.shape != shape:
         _checks.check_param_shape(v, shape, name)
-    return _kernel_array(v, call.dtype).reshape(L)
+    return _param(v, L, call.dtype, fill)
 
 
 def _row_setup(call, normalized_shape, weight, bias, what):
@@ -728,11 +736,7 @@ def instance_norm_backward(ks, dy, x, weight, mean, rstd, *, channels_last=False
 # still in the physical layout. Same cores, same results.
 
 def _f64(v, n, fill):
-    return _filled(n, np.float64, fill) if v is None else _kernel_array(v, np.float64).reshape(n)
-
-
-def _cast(v, dt):
-    return v if v is None or v.dtype == dt else v.astype(dt)
+    return _param(v, n, np.float64, fill)
 
 
 @_grain
@@ -770,16 +774,12 @@ def direct_grouped_backward(ks, dyp, xp, cl, G, weight, mean, rstd, need_w, need
     return dx, _cast(dw, xp.dtype), _cast(db, xp.dtype)
 
 
-def _row_vec(v, L, dt, fill):
-    return _filled(L, dt, fill) if v is None else _kernel_array(v, dt).reshape(L)
-
-
 @_grain
 def direct_row_forward(ks, xc, L, weight, bias, eps, centered):
     """``(y, mean, rstd)`` of layer_norm (``centered``) or rms_norm over rows of L values, the
     statistics flat (R,) (unchecked; see above)."""
     dt = xc.dtype
-    return _row_fwd(ks, xc, L, _row_vec(weight, L, dt, 1.0), _row_vec(bias, L, dt, 0.0), eps,
+    return _row_fwd(ks, xc, L, _param(weight, L, dt, 1.0), _param(bias, L, dt, 0.0), eps,
                     centered)
 
 
@@ -788,7 +788,7 @@ def direct_row_backward(ks, dyc, xc, L, weight, mean, rstd, centered, need_w, ne
     """``(dx, dweight, dbias)`` of layer_norm / rms_norm, dweight/dbias flat (L,) (unchecked)."""
     dt, R = xc.dtype, xc.size // L
     mean64 = _f64(mean, R, 0.0) if centered else _filled(R, np.float64, 0.0)
-    dx, dw, db = _row_bwd(ks, dyc, xc, L, _row_vec(weight, L, dt, 1.0), mean64, _f64(rstd, R, 1.0),
+    dx, dw, db = _row_bwd(ks, dyc, xc, L, _param(weight, L, dt, 1.0), mean64, _f64(rstd, R, 1.0),
                           centered, need_w, need_b)
     return dx, _cast(dw, dt), _cast(db, dt)
 
