@@ -504,9 +504,13 @@ def row_seg_backward(dy, x, R, S, Ls, P, T, per, w, mean, rstd, mode, t_mg, t_mg
     L = S * Ls
     for it in prange(T):
         t = np.int64(it)
-        for r in range(t * per, min(R, (t + 1) * per)):
+        r0 = t * per
+        p = (r0 + P - 1) % P                    # r % P - 1: advanced first, without a division
+        for r in range(r0, min(R, r0 + per)):
+            p += 1
+            if p == P:
+                p = 0
             s0 = r * L
-            p = r % P
             if mode == FUSED:
                 m = mean[r]
                 rs64 = rstd[r]
@@ -551,7 +555,9 @@ def row_seg_backward(dy, x, R, S, Ls, P, T, per, w, mean, rstd, mode, t_mg, t_mg
 #
 # The input is ``B`` slabs of ``(R, K)`` row-major data (flat). Column ``k`` of slab ``b`` is
 # reduced over the slab's ``R`` rows; groups of ``gs`` consecutive columns share one statistic
-# and column ``k`` takes the affine parameters of channel ``k // wd``:
+# and column ``k`` takes the affine parameters of channel ``k // wd`` (``wd`` divides ``gs``, so a
+# channel's columns lie in one group; loops over a group's columns run per channel, with no
+# integer division per column):
 #
 # =====================================  =========  ==========  ========  ====  =====
 # method / layout                        B          R           K         gs    wd
@@ -635,9 +641,10 @@ def chunk_moments(x, b, t, j, R, K, rc, kt, m, pm, pm2, p0):
     for k in range(kw):
         mch[k] = mch[k] / nr
     mrep = np.empty(W)
-    for i in range(W):
-        mrep[i] = mch[i % kw]
-        acc[i] = 0.0
+    for i0 in range(0, W, kw):
+        for k in range(kw):
+            mrep[i0 + k] = mch[k]
+            acc[i0 + k] = 0.0
     acc_dev2(x, start, nw, m * K, W, mrep, acc)
     acc_dev2(x, tail, nr - nw * m, K, kw, mrep, acc)
     fold_lanes(acc, m, kw, m2ch)
@@ -651,8 +658,9 @@ def shifted_chunk(x, start, tail, nr, nw, K, kw, m, W, mch, m2ch):
     sh = np.zeros(kw)
     acc_sum(x, start, ns, K, kw, sh)
     rep = np.empty(W)
-    for i in range(W):
-        rep[i] = sh[i % kw] / ns
+    for i0 in range(0, W, kw):
+        for k in range(kw):
+            rep[i0 + k] = sh[k] / ns
     acc = np.zeros(W)
     acc2 = np.zeros(W)
     acc_shifted(x, start, nw, m * K, W, rep, acc, acc2)
@@ -731,11 +739,12 @@ def merge_tile(x, b, j, R, K, gs, wd, Tr, rc, kt, w, bias, eps, mode, pm, pm2, q
         else:
             gm = t_mean[q]
             rstd = t_rstd[q]
-        for k in range(g * gs, (g + 1) * gs):
-            mh, a, c = seg_affine(x, gm, rstd, w[k // wd], bias[k // wd])
-            th[c0 + k] = mh
-            ta[c0 + k] = a
-            tc[c0 + k] = c
+        for ci in range(g * gs // wd, (g + 1) * gs // wd):
+            mh, a, c = seg_affine(x, gm, rstd, w[ci], bias[ci])
+            for k in range(ci * wd, (ci + 1) * wd):
+                th[c0 + k] = mh
+                ta[c0 + k] = a
+                tc[c0 + k] = c
 
 
 @njit(**SERIAL)
@@ -748,11 +757,11 @@ def apply_rows(x, y, b, t, R, K, rc, m, th, ta, tc, c0):
     hb = np.empty(W, dtype=x.dtype)
     ab = np.empty(W, dtype=x.dtype)
     cb = np.empty(W, dtype=x.dtype)
-    for i in range(W):
-        k = c0 + i % K
-        hb[i] = th[k]
-        ab[i] = ta[k]
-        cb[i] = tc[k]
+    for i0 in range(0, W, K):
+        for k in range(K):
+            hb[i0 + k] = th[c0 + k]
+            ab[i0 + k] = ta[c0 + k]
+            cb[i0 + k] = tc[c0 + k]
     o = (b * R + r0) * K
     end = o + nr * K
     while o < end:
@@ -852,8 +861,12 @@ def chunk_sums(dy, x, b, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm, p0):
     W = m * kw
     tail = start + nw * m * K
     mloc = np.empty(W)
-    for i in range(W):
-        mloc[i] = mean[b * G + (k0 + i % kw) // gs]
+    for g in range(k0 // gs, (k0 + kw) // gs):          # tiles are whole groups
+        for k in range(g * gs - k0, (g + 1) * gs - k0):
+            mloc[k] = mean[b * G + g]
+    for i0 in range(kw, W, kw):
+        for k in range(kw):
+            mloc[i0 + k] = mloc[k]
     a_dy = np.zeros(W)
     a_dyxm = np.zeros(W)
     a_xm = np.zeros(W)
@@ -867,8 +880,9 @@ def chunk_sums(dy, x, b, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm, p0):
 @njit(**SERIAL)
 def reduce_tile(x, b, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sums, ps, psx, psm,
                 q0, dwk, dbk, th, tl, t1, t2, t3, t4, c0):
-    """Pass 2 for tile j of slab b: chunk sums, group coefficients, dweight/dbias terms."""
+    """Pass 2 for tile j of slab b: chunk sums, group coefficients, dweight/dbias per channel."""
     G = K // gs
+    nw = K // wd
     k0 = j * kt
     kw = min(kt, K - k0)
     sdy = ps[q0 + k0:q0 + k0 + kw]
@@ -892,28 +906,35 @@ def reduce_tile(x, b, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sum
             sg = 0.0
             sgxm = 0.0
             sx = 0.0
-            for k in range(g * gs - k0, (g + 1) * gs - k0):
-                wk = w[(k0 + k) // wd]
-                sg += wk * sdy[k]
-                sgxm += wk * sdyxm[k]
-                sx += sxm[k]
+            for ci in range(g * gs // wd, (g + 1) * gs // wd):
+                wk = w[ci]
+                for k in range(ci * wd - k0, (ci + 1) * wd - k0):
+                    sg += wk * sdy[k]
+                    sgxm += wk * sdyxm[k]
+                    sx += sxm[k]
             delta = sx / M
             mg = sg / M
             mgx = rs * (sgxm - delta * sg) / M
         if need_sums:
-            for k in range(g * gs - k0, (g + 1) * gs - k0):
-                dwk[b * K + k0 + k] = rs * (sdyxm[k] - delta * sdy[k])
-                dbk[b * K + k0 + k] = sdy[k]
+            for ci in range(g * gs // wd, (g + 1) * gs // wd):
+                sw = 0.0
+                sb = 0.0
+                for k in range(ci * wd - k0, (ci + 1) * wd - k0):
+                    sw += sdyxm[k] - delta * sdy[k]
+                    sb += sdy[k]
+                dwk[b * nw + ci] = rs * sw
+                dbk[b * nw + ci] = sb
         mu = mean[q] + delta
         mh = x.dtype.type(mu)
         ml = x.dtype.type(mu - mh)
-        for k in range(g * gs, (g + 1) * gs):
-            th[c0 + k] = mh
-            tl[c0 + k] = ml
-            t1[c0 + k] = w[k // wd]
-            t2[c0 + k] = mg
-            t3[c0 + k] = rs * mgx
-            t4[c0 + k] = rs
+        for ci in range(g * gs // wd, (g + 1) * gs // wd):
+            for k in range(ci * wd, (ci + 1) * wd):
+                th[c0 + k] = mh
+                tl[c0 + k] = ml
+                t1[c0 + k] = w[ci]
+                t2[c0 + k] = mg
+                t3[c0 + k] = rs * mgx
+                t4[c0 + k] = rs
 
 
 @njit(**SERIAL)
@@ -928,14 +949,14 @@ def dx_rows(dy, x, dx, b, t, R, K, rc, m, th, tl, t1, t2, t3, t4, c0):
     b2 = np.empty(W, dtype=x.dtype)
     b3 = np.empty(W, dtype=x.dtype)
     b4 = np.empty(W, dtype=x.dtype)
-    for i in range(W):
-        k = c0 + i % K
-        hb[i] = th[k]
-        lb[i] = tl[k]
-        b1[i] = t1[k]
-        b2[i] = t2[k]
-        b3[i] = t3[k]
-        b4[i] = t4[k]
+    for i0 in range(0, W, K):
+        for k in range(K):
+            hb[i0 + k] = th[c0 + k]
+            lb[i0 + k] = tl[c0 + k]
+            b1[i0 + k] = t1[c0 + k]
+            b2[i0 + k] = t2[c0 + k]
+            b3[i0 + k] = t3[c0 + k]
+            b4[i0 + k] = t4[c0 + k]
     o = (b * R + r0) * K
     end = o + nr * K
     while o < end:
@@ -954,8 +975,9 @@ def col_backward_slabs(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_sum
     """Column backward. w: (K // wd,) float64; mean, rstd: (B * G,) float64.
 
     training: the statistics came from x (full gradient through them); otherwise they are
-    constants and ``dx = rstd * w * dy``. need_sums: compute dwk[b*K+k] = sum dy * xhat and
-    dbk[b*K+k] = sum dy (float64, (B * K,)); always needed when training.
+    constants and ``dx = rstd * w * dy``. need_sums: compute dwk[b*C+c] = sum dy * xhat and
+    dbk[b*C+c] = sum dy per channel c of w (float64, (B * C,), C = K // wd); always needed when
+    training.
 
     One task per slab (``per_slab`` scheduling); no work buffer.
     """
@@ -992,8 +1014,9 @@ def col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_su
     """Column backward. w: (K // wd,) float64; mean, rstd: (B * G,) float64.
 
     training: the statistics came from x (full gradient through them); otherwise they are
-    constants and ``dx = rstd * w * dy``. need_sums: compute dwk[b*K+k] = sum dy * xhat and
-    dbk[b*K+k] = sum dy (float64, (B * K,)); always needed when training.
+    constants and ``dx = rstd * w * dy``. need_sums: compute dwk[b*C+c] = sum dy * xhat and
+    dbk[b*C+c] = sum dy per channel c of w (float64, (B * C,), C = K // wd); always needed when
+    training.
 
     Chunked scheduling; ``work``: float64 buffer of 3 * B * Tr * K values (need_sums).
     """

@@ -398,13 +398,12 @@ def _bn_backward(ks, dyp, xp, cl, w, mean64, rstd64, training, need_w, need_b):
         if cl or inner < BN_ROW_MIN_INNER:
             R, K, gs = (count, C, 1) if cl else (N, C * inner, inner)
             rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
-            dwk = np.empty(K if sums else 0)
-            dbk = np.empty(K if sums else 0)
+            dwc = np.empty(C if sums else 0)          # per channel: sum dy * xhat, sum dy
+            dbc = np.empty(C if sums else 0)
             _col_backward(ks, dyf, xf, 1, R, K, gs, gs, w, mean64, rstd64, bool(training), sums,
-                          dxf, dwk, dbk, rc, kt, m, per_slab)
+                          dxf, dwc, dbc, rc, kt, m, per_slab)
             if sums:
-                dweight = dwk.reshape(C, gs).sum(axis=1)
-                dbias = dbk.reshape(C, gs).sum(axis=1)
+                dweight, dbias = dwc, dbc
         else:
             R = N * C
             T, per = _row_tasks(R, inner)
