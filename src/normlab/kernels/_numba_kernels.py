@@ -1068,7 +1068,9 @@ def finish_moments(mean, m2, count, eps, mean_o, var_o, rstd_o, rstd64):
     """The statistics a forward returns, from float64 ``(mean, M2)`` over ``count`` values each:
     ``mean_o``, ``var_o = M2 / count`` (biased) and ``rstd_o = 1 / sqrt(var + eps)`` in x's dtype,
     and rstd in float64 into ``rstd64``. An output of size 0 is skipped; ``count == 0`` gives NaN.
-    Given statistics (inference) pass ``m2 = var``, ``count = 1``."""
+    Given statistics (inference) pass ``m2 = var``, ``count = 1``. Returns True when a variance
+    is negative (a given var; never from data), so that the caller can raise."""
+    negative = False
     for i in range(mean.size):
         if count > 0:
             mu = mean[i]
@@ -1085,6 +1087,8 @@ def finish_moments(mean, m2, count, eps, mean_o, var_o, rstd_o, rstd64):
             rstd_o[i] = r
         if rstd64.size:
             rstd64[i] = r
+        negative |= v < 0
+    return negative
 
 
 @njit(**SERIAL)

@@ -328,10 +328,12 @@ def _bn_forward(ks, xp, cl, w, b, eps, mean64, var64):
     dt = xp.dtype
     mean_o, var_o, rstd_o = np.empty(C, dt), np.empty(C, dt), np.empty(C, dt)   # as returned
     if not training:
-        if var64.min(initial=0.0) < 0:
-            raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
         rstd64 = np.empty(C)
-        _k.finish_moments(mean64, var64, 1, float(eps), mean_o, var_o, rstd_o, rstd64)
+        if _k.finish_moments(mean64, var64, 1, float(eps), mean_o, var_o, rstd_o, rstd64):
+            i = int(np.argmax(var64 < 0))
+            raise ValueError(
+                f"batch_norm: the given var has a negative entry (a variance must be >= 0), got "
+                f"var[{i}]={float(var64[i])!r}; pass the running variance, not a log-variance")
     y = _pool.empty(xp.shape, dt)
     if xp.size:
         xf, yf = xp.reshape(-1), y.reshape(-1)

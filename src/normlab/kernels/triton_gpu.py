@@ -1147,7 +1147,10 @@ def batch_norm_forward(x, weight, bias, eps, *, channels_last=False, mean=None, 
     elif x.device.type != "cuda" and bool((var < 0).any()):
         # on CUDA this check would wait for the GPU on every call: there, as in torch, a negative
         # given variance gives NaN in its channel's output
-        raise ValueError("batch_norm: the given var has negative entries; a variance must be >= 0")
+        i = int((var < 0).nonzero()[0, 0])
+        raise ValueError(
+            f"batch_norm: the given var has a negative entry (a variance must be >= 0), got "
+            f"var[{i}]={float(var[i])!r}; pass the running variance, not a log-variance")
     y, mean_g, var_g, rstd_g = _channel_forward(x, C, weight, bias, eps, channels_last, False,
                                                 mean, var)
     return y, mean_g.view(C), var_g.view(C), rstd_g.view(C)
