@@ -882,7 +882,7 @@ def reduce_tile(x, b, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sum
                 q0, dwk, dbk, th, tl, t1, t2, t3, t4, c0):
     """Pass 2 for tile j of slab b: chunk sums, group coefficients, dweight/dbias per channel."""
     G = K // gs
-    nw = K // wd
+    nch = K // wd                    # channels of w
     k0 = j * kt
     kw = min(kt, K - k0)
     sdy = ps[q0 + k0:q0 + k0 + kw]
@@ -922,8 +922,8 @@ def reduce_tile(x, b, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sum
                 for k in range(ci * wd - k0, (ci + 1) * wd - k0):
                     sw += sdyxm[k] - delta * sdy[k]
                     sb += sdy[k]
-                dwk[b * nw + ci] = rs * sw
-                dbk[b * nw + ci] = sb
+                dwk[b * nch + ci] = rs * sw
+                dbk[b * nch + ci] = sb
         mu = mean[q] + delta
         mh = x.dtype.type(mu)
         ml = x.dtype.type(mu - mh)
