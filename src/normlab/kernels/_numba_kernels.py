@@ -915,8 +915,12 @@ def reduce_tile(x, b, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sum
             delta = sx / M
             mg = sg / M
             mgx = rs * (sgxm - delta * sg) / M
-        if need_sums:
-            for ci in range(g * gs // wd, (g + 1) * gs // wd):
+        mu = mean[q] + delta
+        mh = x.dtype.type(mu)
+        ml = x.dtype.type(mu - mh)
+        q3 = rs * mgx
+        for ci in range(g * gs // wd, (g + 1) * gs // wd):
+            if need_sums:
                 sw = 0.0
                 sb = 0.0
                 for k in range(ci * wd - k0, (ci + 1) * wd - k0):
@@ -924,16 +928,12 @@ def reduce_tile(x, b, j, R, K, gs, wd, Tr, kt, w, mean, rstd, training, need_sum
                     sb += sdy[k]
                 dwk[b * nch + ci] = rs * sw
                 dbk[b * nch + ci] = sb
-        mu = mean[q] + delta
-        mh = x.dtype.type(mu)
-        ml = x.dtype.type(mu - mh)
-        for ci in range(g * gs // wd, (g + 1) * gs // wd):
             for k in range(ci * wd, (ci + 1) * wd):
                 th[c0 + k] = mh
                 tl[c0 + k] = ml
                 t1[c0 + k] = w[ci]
                 t2[c0 + k] = mg
-                t3[c0 + k] = rs * mgx
+                t3[c0 + k] = q3
                 t4[c0 + k] = rs
 
 
