@@ -76,6 +76,23 @@ def test_other_dtypes_and_sizes_share_nothing_they_should_not():
     assert P.empty((2, 3), np.float32).base is None            # small: plain np.empty
 
 
+@pytest.mark.parametrize("shape", [SHAPE, (3, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_like_is_empty_of_the_arrays_shape_and_dtype(shape, dtype):
+    """empty_like(a) is empty(a.shape, a.dtype): the pool's memory when large (reused once
+    idle), a plain C-contiguous array when small."""
+    a = np.ones(shape, dtype)
+    y = P.empty_like(a)
+    assert y.shape == a.shape and y.dtype == a.dtype and y.flags.c_contiguous
+    assert y.flags.writeable and not np.shares_memory(y, a)
+    large = y.nbytes >= P.MIN_BYTES
+    assert len(P._BUFS) == (1 if large else 0)
+    if large:
+        addr = _addr(y)
+        del y
+        assert _addr(P.empty_like(a)) == addr                  # idle: reused
+
+
 def test_the_cap_bounds_the_pool_and_zero_turns_it_off(monkeypatch):
     monkeypatch.setenv(P.ENV_VAR, "5")                          # MiB: two 2 MiB buffers fit
     bufs = [P.empty(SHAPE, np.float32) for _ in range(4)]

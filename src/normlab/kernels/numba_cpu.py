@@ -273,7 +273,7 @@ def _kernel_array(v: np.ndarray, dtype) -> np.ndarray:
     read-only array is another numba type: passed as is, it would compile every kernel again."""
     if v.dtype == dtype and v.flags.c_contiguous and v.flags.writeable:
         return v
-    return np.array(v, dtype, order="C")
+    return v.astype(dtype, order="C")
 
 
 def _want(flag, weight):
@@ -334,9 +334,9 @@ def _bn_forward(ks, xp, cl, w, b, eps, mean64, var64):
             raise ValueError(
                 f"batch_norm: the given var has a negative entry (a variance must be >= 0), got "
                 f"var[{i}]={float(var64[i])!r}; pass the running variance, not a log-variance")
-    y = _pool.empty(xp.shape, dt)
+    y = _pool.empty_like(xp)
     if xp.size:
-        xf, yf = xp.reshape(-1), y.reshape(-1)
+        xf, yf = xp.ravel(), y.ravel()
         if cl or inner < BN_ROW_MIN_INNER:
             R, K, gs = (count, C, 1) if cl else (N, C * inner, inner)
             rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
@@ -396,10 +396,10 @@ def _bn_backward(ks, dyp, xp, cl, w, mean64, rstd64, training, need_w, need_b):
     inner = _spatial(xp, cl)
     count = N * inner
     sums = bool(training or need_w or need_b)
-    dx = _pool.empty(xp.shape, xp.dtype)
+    dx = _pool.empty_like(xp)
     dweight = dbias = None
     if xp.size:
-        xf, dyf, dxf = xp.reshape(-1), dyp.reshape(-1), dx.reshape(-1)
+        xf, dyf, dxf = xp.ravel(), dyp.ravel(), dx.ravel()
         if cl or inner < BN_ROW_MIN_INNER:
             R, K, gs = (count, C, 1) if cl else (N, C * inner, inner)
             rc, kt, m, per_slab = _col_params(1, R, K, gs, xp.itemsize)
@@ -500,12 +500,12 @@ def _row_fwd(ks, xc, L, w, b, eps, centered):
     """The row forward on a C-contiguous ``xc`` of rows of L values; w, b: (L,) contiguous in
     xc's dtype. ``(y, mean, rstd)``, the statistics flat (R,) in xc's dtype."""
     R = xc.size // L if L else 0
-    y = _pool.empty(xc.shape, xc.dtype)
+    y = _pool.empty_like(xc)
     mean, rstd = np.empty(R, xc.dtype), np.empty(R, xc.dtype)     # as returned: x's dtype
     if R:
         T, per = _row_tasks(R, L)
-        ks.row_elem_forward(xc.reshape(-1), R, L, T, per, w, b, float(eps), centered,
-                              y.reshape(-1), mean, rstd)
+        ks.row_elem_forward(xc.ravel(), R, L, T, per, w, b, float(eps), centered,
+                              y.ravel(), mean, rstd)
     return y, mean, rstd
 
 
@@ -528,14 +528,14 @@ def _row_bwd(ks, dyc, xc, L, w, mean64, rstd64, centered, need_w, need_b):
     """The row backward on C-contiguous ``dyc``, ``xc``; w: (L,) in xc's dtype; mean64, rstd64:
     float64 (R,). ``(dx, dweight, dbias)``, the last two float64 (L,) or None."""
     R = xc.size // L if L else 0
-    dx = _pool.empty(xc.shape, xc.dtype)
+    dx = _pool.empty_like(xc)
     grads = need_w or need_b
     T, per = _row_tasks(R, L, partials=True)
     part = _scratch(2 * T * L if grads else 0)          # zeroed by the kernel
     dwp, dbp = part[:T * L], part[T * L:]
     if R:
-        ks.row_elem_backward(dyc.reshape(-1), xc.reshape(-1), R, L, T, per, w, mean64, rstd64,
-                               centered, grads, dx.reshape(-1), dwp, dbp)
+        ks.row_elem_backward(dyc.ravel(), xc.ravel(), R, L, T, per, w, mean64, rstd64,
+                               centered, grads, dx.ravel(), dwp, dbp)
     dweight = dbias = None
     if grads:
         sums = _task_sum(part, T, L) if R else np.zeros((2, L))      # (2, L): dweight, dbias
@@ -597,10 +597,10 @@ def _grouped_forward(ks, xp, cl, G, w, b, eps, want_var):
     inner = _spatial(xp, cl)
     gs = C // G
     dt = xp.dtype
-    y = _pool.empty(xp.shape, dt)
+    y = _pool.empty_like(xp)
     mean, m2 = np.empty(N * G), np.empty(N * G)
     if xp.size:
-        xf, yf = xp.reshape(-1), y.reshape(-1)
+        xf, yf = xp.ravel(), y.ravel()
         if cl:
             rc, kt, m, per_slab = _col_params(N, inner, C, gs, xp.itemsize)
             _col_forward(ks, xf, N, inner, C, gs, 1, w, b, eps, _k.TRAIN, _DUMMY, _DUMMY, yf, mean,
@@ -612,8 +612,8 @@ def _grouped_forward(ks, xp, cl, G, w, b, eps, want_var):
                                  _DUMMY, _DUMMY, yf, mean, m2)
     mean_o, rstd_o = np.empty((N, G), dt), np.empty((N, G), dt)
     var_o = np.empty((N, G) if want_var else 0, dt)
-    _k.finish_moments(mean, m2, gs * inner if xp.size else 0, float(eps), mean_o.reshape(-1),
-                      var_o.reshape(-1), rstd_o.reshape(-1), _EMPTY)
+    _k.finish_moments(mean, m2, gs * inner if xp.size else 0, float(eps), mean_o.ravel(),
+                      var_o.ravel(), rstd_o.ravel(), _EMPTY)
     return y, mean_o, var_o, rstd_o
 
 
@@ -623,10 +623,10 @@ def _grouped_backward(ks, dyp, xp, cl, G, w, mean64, rstd64, need_w, need_b):
     N, C = xp.shape[0], _channels(xp, cl)
     inner = _spatial(xp, cl)
     gs = C // G
-    dx = _pool.empty(xp.shape, xp.dtype)
+    dx = _pool.empty_like(xp)
     sdy, sdyx = np.zeros(N * C), np.zeros(N * C)
     if xp.size:
-        xf, dyf, dxf = xp.reshape(-1), dyp.reshape(-1), dx.reshape(-1)
+        xf, dyf, dxf = xp.ravel(), dyp.ravel(), dx.ravel()
         if cl:
             rc, kt, m, per_slab = _col_params(N, inner, C, gs, xp.itemsize)
             _col_backward(ks, dyf, xf, N, inner, C, gs, 1, w, mean64, rstd64, True, True, dxf, sdyx,
@@ -821,7 +821,7 @@ def column_moments(ks, x):
         m2.fill(np.nan)
         return mean, m2
     rc, kt, m, per_slab = _col_params(1, N, C, 1, 8)
-    _col_forward(ks, x.reshape(-1), 1, N, C, 1, 1, _filled(C, np.float64, 1.0),
+    _col_forward(ks, x.ravel(), 1, N, C, 1, 1, _filled(C, np.float64, 1.0),
                  _filled(C, np.float64, 0.0), 1.0, _k.STATS, _DUMMY, _DUMMY,
                  _filled(0, x.dtype, 0.0), mean, m2, rc, kt, m, per_slab)   # y: not written
     return mean, m2
