@@ -172,7 +172,7 @@ def check_real(value, name: str) -> float:
 
 def check_normalized_shape(x, normalized_shape: tuple, what: str) -> None:
     k = len(normalized_shape)
-    if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(normalized_shape):
+    if x.ndim < k or x.shape[x.ndim - k :] != tuple(normalized_shape):
         raise ValueError(
             f"{what} normalizes over the trailing dimensions {tuple(normalized_shape)}, but the "
             f"input has shape {tuple(x.shape)}; the input's last {k} dimension(s) must equal "

@@ -169,10 +169,11 @@ def _scratch(n: int) -> np.ndarray:
 
 
 def _row_tasks(R: int, L: int, partials: bool = False):
-    T = min(R, ROW_TASKS)
-    if partials:
-        T = min(T, max(1, ROW_PARTIAL_ELEMS // L))
-    T = max(T, 1)
+    T = R if R < ROW_TASKS else ROW_TASKS
+    if partials and T * L > ROW_PARTIAL_ELEMS:
+        T = ROW_PARTIAL_ELEMS // L
+    if T < 1:
+        T = 1
     return T, (R + T - 1) // T
 
 
@@ -219,6 +220,9 @@ class _Call:
     """Converts the inputs of one call and the outputs back (NumPy or torch)."""
 
     def __init__(self, x, name="x"):
+        if type(x) is np.ndarray and x.dtype in A.KERNEL_DTYPES:     # the common case, fast
+            self.torch, self.x, self.dtype = False, x, x.dtype
+            return
         self.torch = A.is_tensor(x)
         self.x = A.to_numpy(x, name)
         self.dtype = A.check_kernel_dtype(self.x, NAME)
@@ -230,7 +234,8 @@ class _Call:
         dt, as_tensor = self.dtype, self.torch
         res = []
         for a in arrays:
-            a = _cast(a, dt)
+            if a is not None and a.dtype != dt:
+                a = a.astype(dt)
             if as_tensor:
                 a = A.from_numpy(a, True)
             res.append(a)
@@ -261,7 +266,10 @@ def _stat(call, v, shape, name):
 def _param(v, n: int, dtype, fill) -> np.ndarray:
     """A parameter or statistic as a contiguous (n,) kernel array of ``dtype``, ``fill``
     everywhere when None (unchecked: the callers check shapes first, or trust their caller)."""
-    return _filled(n, dtype, fill) if v is None else _kernel_array(v, dtype).reshape(n)
+    if v is None:
+        return _filled(n, dtype, fill)
+    v = _kernel_array(v, dtype)
+    return v if v.ndim == 1 else v.reshape(n)
 
 
 def _cast(v, dt):
@@ -483,7 +491,7 @@ def _row_setup(call, normalized_shape, weight, bias, what):
     x = call.x
     shape = _checks.normalized_shape_tuple(normalized_shape)
     _checks.check_normalized_shape(x, shape, what)
-    L = math.prod(shape)
+    L = shape[0] if len(shape) == 1 else math.prod(shape)
     lead = x.shape[:x.ndim - len(shape)]
     w = _row_param(call, weight, shape, L, 1.0, "weight")
     b = None if bias is _NO_BIAS else _row_param(call, bias, shape, L, 0.0, "bias")
@@ -493,6 +501,8 @@ def _row_setup(call, normalized_shape, weight, bias, what):
 def _row_forward(ks, call, normalized_shape, weight, bias, eps, centered, what):
     xc, L, lead, shape, w, b = _row_setup(call, normalized_shape, weight, bias, what)
     y, mean, rstd = _row_fwd(ks, xc, L, w, b, eps, centered)
+    if len(lead) == 1:                                  # (R,) already
+        return y, mean, rstd
     return y, mean.reshape(lead), rstd.reshape(lead)
 
 
