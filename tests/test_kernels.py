@@ -186,6 +186,56 @@ def test_rms_norm_matches_reference(dtype, shape, k, affine, eps):
         assert dw is None
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape", [(8, 64), (3, 5, 7), (7,), (2, 3, 1, 4), (1, 4096)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affine):
+    """layer_norm/rms_norm forward of a plain call (ndarrays of x's dtype, float eps, one
+    normalized dim; see _row_forward_plain) skips the conversions: same outputs, bit for bit,
+    as the checked path; near-plain calls take the checked path and agree too."""
+    L = shape[-1]
+    x = data(shape, dtype)
+    w, b = (v.astype(dtype) if v is not None else None for v in params(L, affine))
+    taken = []
+    plain = NB._row_forward_plain
+
+    def spy(*args):
+        out = plain(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(NB, "_row_forward_plain", spy)
+    calls = [lambda x=x, w=w, b=b: NB.layer_norm_forward(x, (L,), w, b, EPS),
+             lambda x=x, w=w: NB.rms_norm_forward(x, (L,), w),
+             lambda x=x, w=w: NB.rms_norm_forward(x, (L,), w, EPS)]
+    fast = [f() for f in calls]
+    assert taken == [True] * 3
+    monkeypatch.setattr(NB, "_row_forward_plain", lambda *args: None)
+    for f, got in zip(calls, fast):
+        want = f()
+        assert len(got) == len(want)
+        for g, e in zip(got, want):
+            assert g.dtype == e.dtype and g.shape == e.shape and np.array_equal(g, e)
+    monkeypatch.setattr(NB, "_row_forward_plain", spy)
+    taken.clear()
+    ro = x.copy()
+    ro.flags.writeable = False
+    strided = np.repeat(x, 2, axis=-1)[..., ::2]                    # same values, not contiguous
+    near = [lambda: NB.layer_norm_forward(x, (np.int64(L),), w, b, EPS),      # numpy int
+            lambda: NB.layer_norm_forward(x, L, w, b, EPS),                   # int, not tuple
+            lambda: NB.layer_norm_forward(x, (L,), w, b, np.float64(EPS)),    # numpy float
+            lambda: NB.layer_norm_forward(ro, (L,), w, b, EPS),               # read-only x
+            lambda: NB.layer_norm_forward(strided, (L,), w, b, EPS)]
+    if affine:
+        near += [lambda: NB.layer_norm_forward(x, (L,), np.repeat(w, 2)[::2], b, EPS),
+                 lambda: NB.layer_norm_forward(x, (L,), w.astype(np.float64), b.astype(F64), EPS)
+                 if dtype == F32 else NB.layer_norm_forward(x, (L,), list(w), b, EPS)]
+    for f in near:
+        y, mean, rstd = f()
+        assert np.array_equal(y, fast[0][0]) and np.array_equal(rstd, fast[0][2])
+    assert not any(taken)
+
+
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------
 
 GN_CASES = [((2, 6, 5), 3), ((2, 6, 5), 1), ((2, 6, 5), 6), ((3, 4, 7, 13), 2),
