@@ -227,9 +227,9 @@ def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affin
             lambda: NB.layer_norm_forward(ro, (L,), w, b, EPS),               # read-only x
             lambda: NB.layer_norm_forward(strided, (L,), w, b, EPS)]
     if affine:
-        near += [lambda: NB.layer_norm_forward(x, (L,), np.repeat(w, 2)[::2], b, EPS),
-                 lambda: NB.layer_norm_forward(x, (L,), w.astype(np.float64), b.astype(F64), EPS)
-                 if dtype == F32 else NB.layer_norm_forward(x, (L,), list(w), b, EPS)]
+        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        near += [lambda: NB.layer_norm_forward(x, (L,), np.repeat(w, 2)[::2], b, EPS),  # strided
+                 lambda: NB.layer_norm_forward(x, (L,), *other, EPS)]    # cast exactly to x's
     for f in near:
         y, mean, rstd = f()
         assert np.array_equal(y, fast[0][0]) and np.array_equal(rstd, fast[0][2])
