@@ -610,6 +610,15 @@ def row_seg_backward(dy, x, R, S, Ls, P, T, per, w, mean, rstd, mode, t_mg, t_mg
 
 # --- forward passes ---------------------------------------------------------------------------
 
+@njit(**INLINE)
+def tile_into(dst, src, c0, K, W):
+    """``dst[i] = src[c0 + i % K]`` for ``i < W`` (W a multiple of K): a tile's K per-column
+    values repeated across the m rows of a wide row, without a division per element."""
+    for i0 in range(0, W, K):
+        for k in range(K):
+            dst[i0 + k] = src[c0 + k]
+
+
 @njit(**SERIAL)
 def fold_lanes(acc, m, kw, out):
     """``out[k] = sum_i acc[i*kw + k]`` (the m lanes of each column, in order)."""
@@ -648,10 +657,8 @@ def chunk_moments(x, b, t, j, R, K, rc, kt, m, pm, pm2, p0):
     for k in range(kw):
         mch[k] = mch[k] / nr
     mrep = np.empty(W)
-    for i0 in range(0, W, kw):
-        for k in range(kw):
-            mrep[i0 + k] = mch[k]
-            acc[i0 + k] = 0.0
+    tile_into(mrep, mch, 0, kw, W)
+    acc[:] = 0.0
     acc_dev2(x, start, nw, m * K, W, mrep, acc)
     acc_dev2(x, tail, nr - nw * m, K, kw, mrep, acc)
     fold_lanes(acc, m, kw, m2ch)
@@ -664,10 +671,10 @@ def shifted_chunk(x, start, tail, nr, nw, K, kw, m, W, mch, m2ch):
     ns = min(nr, SHIFT_FROM)
     sh = np.zeros(kw)
     acc_sum(x, start, ns, K, kw, sh)
+    for k in range(kw):
+        sh[k] = sh[k] / ns
     rep = np.empty(W)
-    for i0 in range(0, W, kw):
-        for k in range(kw):
-            rep[i0 + k] = sh[k] / ns
+    tile_into(rep, sh, 0, kw, W)
     acc = np.zeros(W)
     acc2 = np.zeros(W)
     acc_shifted(x, start, nw, m * K, W, rep, acc, acc2)
@@ -764,7 +771,7 @@ def apply_rows(x, y, b, t, R, K, rc, m, th, ta, tc, c0):
     hb = np.empty(W, dtype=x.dtype)
     ab = np.empty(W, dtype=x.dtype)
     cb = np.empty(W, dtype=x.dtype)
-    for i0 in range(0, W, K):
+    for i0 in range(0, W, K):                   # tile_into, the three tables in one loop
         for k in range(K):
             hb[i0 + k] = th[c0 + k]
             ab[i0 + k] = ta[c0 + k]
@@ -871,9 +878,7 @@ def chunk_sums(dy, x, b, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm, p0):
     for g in range(k0 // gs, (k0 + kw) // gs):          # tiles are whole groups
         for k in range(g * gs - k0, (g + 1) * gs - k0):
             mloc[k] = mean[b * G + g]
-    for i0 in range(kw, W, kw):
-        for k in range(kw):
-            mloc[i0 + k] = mloc[k]
+    tile_into(mloc, mloc, 0, kw, W)                 # the first kw onto the rest (and themselves)
     a_dy = np.zeros(W)
     a_dyxm = np.zeros(W)
     a_xm = np.zeros(W)
@@ -956,7 +961,7 @@ def dx_rows(dy, x, dx, b, t, R, K, rc, m, th, tl, t1, t2, t3, t4, c0):
     b2 = np.empty(W, dtype=x.dtype)
     b3 = np.empty(W, dtype=x.dtype)
     b4 = np.empty(W, dtype=x.dtype)
-    for i0 in range(0, W, K):
+    for i0 in range(0, W, K):                   # tile_into, the six tables in one loop
         for k in range(K):
             hb[i0 + k] = th[c0 + k]
             lb[i0 + k] = tl[c0 + k]
