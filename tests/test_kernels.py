@@ -236,6 +236,73 @@ def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affin
     assert not any(taken)
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape, cl", [((8, 64), False), ((3, 5, 7), False), ((2, 3, 40), False),
+                                       ((2, 4, 3, 5), True), ((1, 512), False), ((1, 1), False)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_small_given_statistics_calls_equal_the_parallel_kernels(monkeypatch, dtype, shape, cl,
+                                                                 affine):
+    """batch_norm_forward with given statistics on a serial-size input is one kernel call
+    (bn_given_small; plain calls skip the conversions too, see _bn_given_plain): same outputs,
+    bit for bit, as the parallel kernels' APPLY passes (column and row planes); near-plain calls
+    take the checked path and agree; a negative var raises on both paths."""
+    x = data(shape, dtype)
+    C = shape[-1] if cl else shape[1]
+    w, b = (v.astype(dtype) if v is not None else None for v in params(C, affine))
+    rng = np.random.default_rng(5)
+    mean, var = rng.standard_normal(C).astype(dtype), (rng.random(C) + 0.1).astype(dtype)
+    taken = []
+    plain = NB._bn_given_plain
+
+    def spy(*args):
+        try:
+            out = plain(*args)
+        except ValueError:
+            taken.append("raised")
+            raise
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(NB, "_bn_given_plain", spy)
+    fast = NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=mean, var=var)
+    assert taken == [True]
+    monkeypatch.setattr(NB, "SERIAL_BELOW", 0)                 # the parallel kernels
+    want = NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=mean, var=var)
+    monkeypatch.undo()
+    assert taken == [True, False]
+    for g, e in zip(fast, want, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape and np.array_equal(g, e)
+    monkeypatch.setattr(NB, "_bn_given_plain", spy)
+    taken.clear()
+    ro = x.copy()
+    ro.flags.writeable = False
+    strided = np.repeat(x, 2, axis=-1)[..., ::2]                 # same values, not contiguous
+    kw = dict(channels_last=cl, mean=mean, var=var)
+    near = [lambda: NB.batch_norm_forward(x, w, b, np.float64(EPS), **kw),   # numpy float
+            lambda: NB.batch_norm_forward(ro, w, b, EPS, **kw),              # read-only x
+            lambda: NB.batch_norm_forward(torch.from_numpy(x), w, b, EPS, **kw),
+            lambda: NB.batch_norm_forward(x, w, b, EPS, channels_last=int(cl), mean=mean, var=var),
+            lambda: NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=list(mean),
+                                          var=np.repeat(var, 2)[::2])]       # list, strided
+    if not cl and shape[-1] > 1:
+        near.append(lambda: NB.batch_norm_forward(strided, w, b, EPS, **kw))
+    if affine:                     # another dtype: the checked path casts it to float64
+        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        near.append(lambda: NB.batch_norm_forward(x, *other, EPS, **kw))
+    for f in near:
+        got = f()
+        for g, e in zip(got, fast, strict=True):
+            assert np.array_equal(np.asarray(g), e)
+    assert not any(taken)
+    taken.clear()
+    bad = -var
+    for v in (bad, list(bad)):                                   # plain, and checked
+        with pytest.raises(ValueError, match=r"var has a negative entry.*var\[0\]"):
+            NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=mean, var=v)
+    assert taken == ["raised", False]
+
+
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------
 
 GN_CASES = [((2, 6, 5), 3), ((2, 6, 5), 1), ((2, 6, 5), 6), ((3, 4, 7, 13), 2),

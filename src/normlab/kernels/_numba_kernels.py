@@ -1154,6 +1154,56 @@ def merge_bwd_planes(sdy, sdyxm, sxm, N, C, count, training, w, mean, rstd, dwei
             mgx[c] = 0.0
 
 
+@njit(**SERIAL)
+def bn_given_small(x, R, C, inner, wide, w, b, mean, var, eps, y, mean_o, var_o, rstd_o):
+    """Batch norm with given statistics (inference) in one serial call, for serial-size inputs:
+    ``finish_moments`` (count 1), ``seg_affine`` per channel and ``apply_seg``'s formula, the
+    arithmetic of the APPLY passes (``merge_tile`` + ``apply_rows``, ``row_seg_forward``), so
+    results are bit-identical to theirs (tested). What it saves is their scheduling and the
+    Python between them, most of the time of a small input.
+
+    x, y: ``R`` rows of ``C * inner`` values (``(N, C, inner)``, or ``(rows, C)`` with inner 1).
+    ``wide``: the (mh, a, c) table is repeated per value of a row (short planes: one vector loop
+    over the row) rather than kept per channel (one ``apply_seg`` per plane).
+    w, b, mean, var: (C,) float64, or x's dtype (read in float64, as the callers' casts would).
+    mean_o, var_o, rstd_o: (C,) in x's dtype. Returns True when a variance is negative.
+    """
+    K = C * inner
+    th = np.empty(C, dtype=x.dtype)
+    ta = np.empty(C, dtype=x.dtype)
+    tc = np.empty(C, dtype=x.dtype)
+    negative = 0
+    for c in range(C):                         # one vector loop over the channels
+        mu = np.float64(mean[c])
+        v = np.float64(var[c])
+        r = 1.0 / np.sqrt(v + eps)
+        mean_o[c] = mu
+        var_o[c] = v
+        rstd_o[c] = r
+        negative += 1 if v < 0 else 0
+        th[c], ta[c], tc[c] = seg_affine(x, mu, r, np.float64(w[c]), np.float64(b[c]))
+    if wide and inner > 1:                     # per value of a row
+        hb = np.empty(K, dtype=x.dtype)
+        ab = np.empty(K, dtype=x.dtype)
+        cb = np.empty(K, dtype=x.dtype)
+        for c in range(C):
+            for k in range(c * inner, (c + 1) * inner):
+                hb[k] = th[c]
+                ab[k] = ta[c]
+                cb[k] = tc[c]
+        th, ta, tc = hb, ab, cb
+    for i in range(R):
+        if wide:
+            xs = x[i * K:(i + 1) * K]
+            ys = y[i * K:(i + 1) * K]
+            for k in range(K):
+                ys[k] = (xs[k] - th[k]) * ta[k] + tc[k]
+        else:
+            for c in range(C):
+                apply_seg(x, y, (i * C + c) * inner, inner, th[c], ta[c], tc[c])
+    return negative > 0
+
+
 @njit(cache=True, nogil=True, error_model="numpy")      # no fastmath: NumPy's rounding
 def fold_running(run_mean, run_var, mean, var, corr, f, check, nbt):
     """Running statistics update of batch norm, in place, in the arrays' dtype:
