@@ -337,6 +337,58 @@ def test_group_norm_matches_reference(dtype, shape, G, channels_last, affine):
         assert dw is None and db is None
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NC", "CL"])
+@pytest.mark.parametrize("shape,G", [((8, 64, 4, 4), 32), ((2, 6, 5), 3), ((9, 4, 3, 5), 2),
+                                     ((2, 8), 4)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_plain_group_norm_calls_equal_the_checked_path(monkeypatch, dtype, shape, G,
+                                                       channels_last, affine):
+    """group_norm_forward of a plain call (ndarrays of x's dtype, int groups, float eps; see
+    _group_norm_plain) skips the conversions: same outputs, bit for bit, as the checked path;
+    near-plain calls take the checked path and agree too."""
+    x = data(shape, dtype)
+    if channels_last:
+        x = to_cl(x)
+    w, b = (v.astype(dtype) if v is not None else None for v in params(shape[1], affine))
+    taken = []
+    plain = NB._group_norm_plain
+
+    def spy(*args):
+        out = plain(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(NB, "_group_norm_plain", spy)
+    kw = dict(channels_last=channels_last)
+    fast = NB.group_norm_forward(x, G, w, b, EPS, **kw)
+    assert taken == [True]
+    monkeypatch.setattr(NB, "_group_norm_plain", lambda *args: None)
+    want = NB.group_norm_forward(x, G, w, b, EPS, **kw)
+    for g, e in zip(fast, want, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape and np.array_equal(g, e)
+    monkeypatch.setattr(NB, "_group_norm_plain", spy)
+    taken.clear()
+    ro = x.copy()
+    ro.flags.writeable = False
+    near = [lambda: NB.group_norm_forward(x, np.int64(G), w, b, EPS, **kw),      # numpy int
+            lambda: NB.group_norm_forward(x, G, w, b, np.float64(EPS), **kw),    # numpy float
+            lambda: NB.group_norm_forward(ro, G, w, b, EPS, **kw),               # read-only x
+            lambda: NB.group_norm_forward(x, G, w, b, EPS, channels_last=int(channels_last))]
+    if affine:
+        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        near += [lambda: NB.group_norm_forward(x, G, np.repeat(w, 2)[::2], b, EPS, **kw),
+                 lambda: NB.group_norm_forward(x, G, *other, EPS, **kw)]   # cast exactly to x's
+    for f in near:
+        for g, e in zip(f(), fast, strict=True):
+            assert np.array_equal(g, e)
+    assert not any(taken)
+    taken.clear()
+    with pytest.raises(ValueError, match="num_groups=5 does not divide"):
+        NB.group_norm_forward(x, 5, w, b, EPS, **kw)
+    assert taken == [False]
+
+
 IN_SHAPES = [(2, 3, 7), (9, 5, 3, 4), (2, 3, 2, 3, 5), (1, 7, 1023), (3, 1, 13)]
 
 

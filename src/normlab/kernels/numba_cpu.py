@@ -786,9 +786,42 @@ def _grouped_checks(call, x, channels_last, weight, bias, what, min_ndim, layout
     return C, _vec(call, weight, C, "weight", 1.0), _vec(call, bias, C, "bias", 0.0)
 
 
+def _group_norm_plain(ks, x, G, weight, bias, eps, channels_last):
+    """``group_norm_forward`` of a *plain* call, or None: then the checked path must run.
+
+    Plain: a serial-size, non-empty, writable C-contiguous float32/float64 ndarray ``x`` of at
+    least 2 dims; ``G`` an int > 0 dividing the channels; ``eps`` a float > 0 and finite;
+    ``channels_last`` True or False; weight and bias None or plain (C,) arrays of x's dtype
+    (``_plain_param``). Every check of the checked path holds for such a call and the kernel
+    call is the one that path makes (``_grouped_forward``), so results are the same; what it
+    skips is the conversions.
+    """
+    if not (ks is _k.SERIAL_KERNELS and type(x) is np.ndarray and type(G) is int
+            and type(eps) is float and 0.0 < eps < math.inf
+            and (channels_last is True or channels_last is False)):
+        return None
+    dt = x.dtype
+    if not (x.ndim >= 2 and dt in A.KERNEL_DTYPES and x.size and x.flags.carray):
+        return None
+    cl = channels_last and x.ndim >= 3
+    C = x.shape[-1] if cl else x.shape[1]
+    if not (G > 0 and C % G == 0):
+        return None
+    w = _plain_param(weight, (C,), dt, C, None)
+    b = _plain_param(bias, (C,), dt, C, None)
+    if w is False or b is False:
+        return None
+    y, mean, _, rstd = _grouped_forward(ks, x, cl, G, _f64(w, C, 1.0), _f64(b, C, 0.0), eps,
+                                        False)
+    return y, mean, rstd
+
+
 @_grain
 def group_norm_forward(ks, x, num_groups, weight, bias, eps, *, channels_last=False):
     r"""Group norm forward: ``(y, mean, rstd)``, statistics ``(N, G)`` in x's dtype."""
+    out = _group_norm_plain(ks, x, num_groups, weight, bias, eps, channels_last)
+    if out is not None:
+        return out
     call = _Call(x)
     C, w, b = _grouped_checks(call, call.x, channels_last, weight, bias, "group_norm", 2,
                               "(N, C, *spatial)")
