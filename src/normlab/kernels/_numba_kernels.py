@@ -92,10 +92,27 @@ SERIAL = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"}
 PARALLEL = dict(SERIAL, parallel=True)
 
 
+# Where the rows of a chunk are not contiguous (a tile narrower than x's rows, ``ld > w``), the
+# column accumulators take four rows per pass over ``acc``: ``acc[k] = (((acc[k] + t0) + t1) +
+# t2) + t3`` adds the same terms in the same order as four passes of ``acc[k] += t`` (results
+# are bit-identical to one row at a time) with a quarter of the loads and stores of ``acc``,
+# which bound these loops there: 1.3-1.5x faster on tiles of 64 x 1024 float32 values of
+# 2048-wide rows streamed from memory. A contiguous chunk (``ld == w``) is read one row at a
+# time: four interleaved rows 1 KiB apart measured 0.6-0.75x as fast from memory (the
+# prefetchers follow one stream better than four).
+
 @njit(**SERIAL)
 def acc_sum(x, start, nr, ld, w, acc):
     """``acc[k] += sum_r x[start + r*ld + k]`` in float64."""
-    for r in range(nr):
+    r = 0
+    while r + 4 <= nr and ld > w:
+        o = start + r * ld
+        s0, s1 = x[o:o + w], x[o + ld:o + ld + w]
+        s2, s3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+        for k in range(w):
+            acc[k] = (((acc[k] + s0[k]) + s1[k]) + s2[k]) + s3[k]
+        r += 4
+    for r in range(r, nr):
         o = start + r * ld
         seg = x[o:o + w]
         for k in range(w):
@@ -106,7 +123,21 @@ def acc_sum(x, start, nr, ld, w, acc):
 def acc_shifted(x, start, nr, ld, w, sh, a1, a2):
     """``a1[k] += sum_r d``, ``a2[k] += sum_r d^2`` with ``d = x[start + r*ld + k] - sh[k]``, in
     float64."""
-    for r in range(nr):
+    r = 0
+    while r + 4 <= nr and ld > w:
+        o = start + r * ld
+        s0, s1 = x[o:o + w], x[o + ld:o + ld + w]
+        s2, s3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+        for k in range(w):
+            m = sh[k]
+            d0 = np.float64(s0[k]) - m
+            d1 = np.float64(s1[k]) - m
+            d2 = np.float64(s2[k]) - m
+            d3 = np.float64(s3[k]) - m
+            a1[k] = (((a1[k] + d0) + d1) + d2) + d3
+            a2[k] = (((a2[k] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
+        r += 4
+    for r in range(r, nr):
         o = start + r * ld
         seg = x[o:o + w]
         for k in range(w):
@@ -118,7 +149,20 @@ def acc_shifted(x, start, nr, ld, w, sh, a1, a2):
 @njit(**SERIAL)
 def acc_dev2(x, start, nr, ld, w, m, acc):
     """``acc[k] += sum_r (x[start + r*ld + k] - m[k])^2`` in float64."""
-    for r in range(nr):
+    r = 0
+    while r + 4 <= nr and ld > w:
+        o = start + r * ld
+        s0, s1 = x[o:o + w], x[o + ld:o + ld + w]
+        s2, s3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+        for k in range(w):
+            mk = m[k]
+            d0 = np.float64(s0[k]) - mk
+            d1 = np.float64(s1[k]) - mk
+            d2 = np.float64(s2[k]) - mk
+            d3 = np.float64(s3[k]) - mk
+            acc[k] = (((acc[k] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
+        r += 4
+    for r in range(r, nr):
         o = start + r * ld
         seg = x[o:o + w]
         for k in range(w):
@@ -129,7 +173,28 @@ def acc_dev2(x, start, nr, ld, w, m, acc):
 @njit(**SERIAL)
 def acc_bwd(dy, x, start, nr, ld, w, m, a_dy, a_dyxm, a_xm):
     """Backward sums per column: ``sum dy``, ``sum dy * (x - m[k])``, ``sum (x - m[k])``."""
-    for r in range(nr):
+    r = 0
+    while r + 4 <= nr and ld > w:
+        o = start + r * ld
+        x0, x1 = x[o:o + w], x[o + ld:o + ld + w]
+        x2, x3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+        g0, g1 = dy[o:o + w], dy[o + ld:o + ld + w]
+        g2, g3 = dy[o + 2 * ld:o + 2 * ld + w], dy[o + 3 * ld:o + 3 * ld + w]
+        for k in range(w):
+            mk = m[k]
+            e0 = np.float64(g0[k])
+            e1 = np.float64(g1[k])
+            e2 = np.float64(g2[k])
+            e3 = np.float64(g3[k])
+            d0 = np.float64(x0[k]) - mk
+            d1 = np.float64(x1[k]) - mk
+            d2 = np.float64(x2[k]) - mk
+            d3 = np.float64(x3[k]) - mk
+            a_dy[k] = (((a_dy[k] + e0) + e1) + e2) + e3
+            a_dyxm[k] = (((a_dyxm[k] + e0 * d0) + e1 * d1) + e2 * d2) + e3 * d3
+            a_xm[k] = (((a_xm[k] + d0) + d1) + d2) + d3
+        r += 4
+    for r in range(r, nr):
         o = start + r * ld
         xs = x[o:o + w]
         gs = dy[o:o + w]
