@@ -71,6 +71,7 @@ def _compiled_kernels():
 BN_SHAPES = [
     (7, 3), (13, 1), (4100, 16),               # (N, C): column kernel, several row chunks
     (3, 1030),                                 # K > one column tile
+    (9, 2049),                                 # tiles of 4 rows a pass, a remainder row
     (2, 3, 1023), (1, 3, 1023), (2, 3, 7, 13),  # planes >= 32 values: row kernels
     (3, 7, 13), (2, 3, 4, 5), (2, 3, 2, 3, 5),  # small planes: column kernel on (N, C*inner)
     (4, 100, 20),                              # small planes, C*inner over one column tile
