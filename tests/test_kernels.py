@@ -187,6 +187,31 @@ def test_rms_norm_matches_reference(dtype, shape, k, affine, eps):
         assert dw is None
 
 
+def spy_plain(monkeypatch, name):
+    """Wrap the plain-path function ``NB.<name>``: ``(taken, spy)``, ``taken`` recording each
+    call as True (the plain path ran), False (the checked path must) or "raised"."""
+    real, taken = getattr(NB, name), []
+
+    def spy(*args):
+        try:
+            out = real(*args)
+        except ValueError:
+            taken.append("raised")
+            raise
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(NB, name, spy)
+    return taken, spy
+
+
+def assert_same(got, want):
+    """Same outputs bit for bit, dtypes and shapes included."""
+    assert len(got) == len(want)
+    for g, e in zip(got, want):
+        assert g.dtype == e.dtype and g.shape == e.shape and np.array_equal(g, e)
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("shape", [(8, 64), (3, 5, 7), (7,), (2, 3, 1, 4), (1, 4096)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -197,15 +222,7 @@ def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affin
     L = shape[-1]
     x = data(shape, dtype)
     w, b = (v.astype(dtype) if v is not None else None for v in params(L, affine))
-    taken = []
-    plain = NB._row_forward_plain
-
-    def spy(*args):
-        out = plain(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(NB, "_row_forward_plain", spy)
+    taken, spy = spy_plain(monkeypatch, "_row_forward_plain")
     calls = [lambda x=x, w=w, b=b: NB.layer_norm_forward(x, (L,), w, b, EPS),
              lambda x=x, w=w: NB.rms_norm_forward(x, (L,), w),
              lambda x=x, w=w: NB.rms_norm_forward(x, (L,), w, EPS)]
@@ -213,10 +230,7 @@ def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affin
     assert taken == [True] * 3
     monkeypatch.setattr(NB, "_row_forward_plain", lambda *args: None)
     for f, got in zip(calls, fast):
-        want = f()
-        assert len(got) == len(want)
-        for g, e in zip(got, want):
-            assert g.dtype == e.dtype and g.shape == e.shape and np.array_equal(g, e)
+        assert_same(got, f())
     monkeypatch.setattr(NB, "_row_forward_plain", spy)
     taken.clear()
     ro = x.copy()
@@ -245,7 +259,7 @@ def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affin
 def test_small_given_statistics_calls_equal_the_parallel_kernels(monkeypatch, dtype, shape, cl,
                                                                  affine):
     """batch_norm_forward with given statistics on a serial-size input is one kernel call
-    (bn_given_small; plain calls skip the conversions too, see _bn_given_plain): same outputs,
+    (bn_given_small; plain calls skip the conversions too, see _bn_plain): same outputs,
     bit for bit, as the parallel kernels' APPLY passes (column and row planes); near-plain calls
     take the checked path and agree; a negative var raises on both paths."""
     x = data(shape, dtype)
@@ -253,28 +267,15 @@ def test_small_given_statistics_calls_equal_the_parallel_kernels(monkeypatch, dt
     w, b = (v.astype(dtype) if v is not None else None for v in params(C, affine))
     rng = np.random.default_rng(5)
     mean, var = rng.standard_normal(C).astype(dtype), (rng.random(C) + 0.1).astype(dtype)
-    taken = []
-    plain = NB._bn_given_plain
-
-    def spy(*args):
-        try:
-            out = plain(*args)
-        except ValueError:
-            taken.append("raised")
-            raise
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(NB, "_bn_given_plain", spy)
+    taken, spy = spy_plain(monkeypatch, "_bn_plain")
     fast = NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=mean, var=var)
     assert taken == [True]
     monkeypatch.setattr(NB, "SERIAL_BELOW", 0)                 # the parallel kernels
     want = NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=mean, var=var)
     monkeypatch.undo()
     assert taken == [True, False]
-    for g, e in zip(fast, want, strict=True):
-        assert g.dtype == e.dtype and g.shape == e.shape and np.array_equal(g, e)
-    monkeypatch.setattr(NB, "_bn_given_plain", spy)
+    assert_same(fast, want)
+    monkeypatch.setattr(NB, "_bn_plain", spy)
     taken.clear()
     ro = x.copy()
     ro.flags.writeable = False
@@ -302,6 +303,42 @@ def test_small_given_statistics_calls_equal_the_parallel_kernels(monkeypatch, dt
         with pytest.raises(ValueError, match=r"var has a negative entry.*var\[0\]"):
             NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=mean, var=v)
     assert taken == ["raised", False]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape, cl", [((8, 64), False), ((8, 64, 4, 4), False), ((2, 3, 40), False),
+                                       ((2, 4, 3, 5), True)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_plain_batch_norm_training_calls_equal_the_checked_path(monkeypatch, dtype, shape, cl,
+                                                                affine):
+    """batch_norm_forward in training of a plain call (see _bn_plain) skips the conversions:
+    same outputs, bit for bit, as the checked path; near-plain calls take the checked path."""
+    x = data(shape, dtype)
+    C = shape[-1] if cl else shape[1]
+    w, b = (v.astype(dtype) if v is not None else None for v in params(C, affine))
+    taken, spy = spy_plain(monkeypatch, "_bn_plain")
+    fast = NB.batch_norm_forward(x, w, b, EPS, channels_last=cl)
+    monkeypatch.setattr(NB, "_bn_plain", lambda *args: None)
+    assert_same(fast, NB.batch_norm_forward(x, w, b, EPS, channels_last=cl))
+    assert taken == [True]
+    monkeypatch.setattr(NB, "_bn_plain", spy)
+    taken.clear()
+    ro = x.copy()
+    ro.flags.writeable = False
+    near = [lambda: NB.batch_norm_forward(x, w, b, np.float64(EPS), channels_last=cl),
+            lambda: NB.batch_norm_forward(ro, w, b, EPS, channels_last=cl),
+            lambda: NB.batch_norm_forward(x, w, b, EPS, channels_last=int(cl))]
+    if affine:
+        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        near.append(lambda: NB.batch_norm_forward(x, *other, EPS, channels_last=cl))
+    for f in near:
+        assert_same(f(), fast)
+    assert not any(taken)
+    one = (1,) * (x.ndim - 1) + (C,) if cl else (1, C) + (1,) * (x.ndim - 2)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        NB.batch_norm_forward(np.ones(one, dtype), w, b, EPS, channels_last=cl)
+    with pytest.raises(ValueError, match="both mean and var"):
+        NB.batch_norm_forward(x, w, b, EPS, channels_last=cl, mean=np.zeros(C, dtype))
 
 
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------
@@ -352,22 +389,12 @@ def test_plain_group_norm_calls_equal_the_checked_path(monkeypatch, dtype, shape
     if channels_last:
         x = to_cl(x)
     w, b = (v.astype(dtype) if v is not None else None for v in params(shape[1], affine))
-    taken = []
-    plain = NB._group_norm_plain
-
-    def spy(*args):
-        out = plain(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(NB, "_group_norm_plain", spy)
+    taken, spy = spy_plain(monkeypatch, "_group_norm_plain")
     kw = dict(channels_last=channels_last)
     fast = NB.group_norm_forward(x, G, w, b, EPS, **kw)
     assert taken == [True]
     monkeypatch.setattr(NB, "_group_norm_plain", lambda *args: None)
-    want = NB.group_norm_forward(x, G, w, b, EPS, **kw)
-    for g, e in zip(fast, want, strict=True):
-        assert g.dtype == e.dtype and g.shape == e.shape and np.array_equal(g, e)
+    assert_same(fast, NB.group_norm_forward(x, G, w, b, EPS, **kw))
     monkeypatch.setattr(NB, "_group_norm_plain", spy)
     taken.clear()
     ro = x.copy()

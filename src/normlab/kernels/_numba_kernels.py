@@ -90,6 +90,15 @@ SWEEP_ROW_MIN = 1024
 
 SERIAL = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 PARALLEL = dict(SERIAL, parallel=True)
+REDUCE = dict(SERIAL, fastmath={"reassoc", "contract"})
+#: small helpers (the row kernels' per-segment ones, ``rows4``), inlined into their caller at
+#: numba's IR level: as calls they cost 10-20 ns each (array slices and their reference
+#: counts), as much as the work on a segment of 16 values. GroupNorm training forward, one
+#: thread, called and inlined: 8x64x4x4 G=32 (512 segments of 16) 17.9 against 13.2 us,
+#: 32x64x3x3 G=32 (2048 of 9) 71 against 49 us; bit-identical (the callers have these helpers'
+#: flags). Reductions (``REDUCE``) stay calls: inlined they would take the caller's flags and
+#: lose ``reassoc``
+INLINE = dict(SERIAL, inline="always")
 
 
 # Where the rows of a chunk are not contiguous (a tile narrower than x's rows, ``ld > w``), the
@@ -101,14 +110,19 @@ PARALLEL = dict(SERIAL, parallel=True)
 # time: four interleaved rows 1 KiB apart measured 0.6-0.75x as fast from memory (the
 # prefetchers follow one stream better than four).
 
+@njit(**INLINE)
+def rows4(x, o, ld, w):
+    """The four rows of ``w`` values at ``x[o]``, ``ld`` apart (views)."""
+    return x[o:o + w], x[o + ld:o + ld + w], x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+
+
 @njit(**SERIAL)
 def acc_sum(x, start, nr, ld, w, acc):
     """``acc[k] += sum_r x[start + r*ld + k]`` in float64."""
     r = 0
     while r + 4 <= nr and ld > w:
         o = start + r * ld
-        s0, s1 = x[o:o + w], x[o + ld:o + ld + w]
-        s2, s3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+        s0, s1, s2, s3 = rows4(x, o, ld, w)
         for k in range(w):
             acc[k] = (((acc[k] + s0[k]) + s1[k]) + s2[k]) + s3[k]
         r += 4
@@ -126,8 +140,7 @@ def acc_shifted(x, start, nr, ld, w, sh, a1, a2):
     r = 0
     while r + 4 <= nr and ld > w:
         o = start + r * ld
-        s0, s1 = x[o:o + w], x[o + ld:o + ld + w]
-        s2, s3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+        s0, s1, s2, s3 = rows4(x, o, ld, w)
         for k in range(w):
             m = sh[k]
             d0 = np.float64(s0[k]) - m
@@ -152,8 +165,7 @@ def acc_dev2(x, start, nr, ld, w, m, acc):
     r = 0
     while r + 4 <= nr and ld > w:
         o = start + r * ld
-        s0, s1 = x[o:o + w], x[o + ld:o + ld + w]
-        s2, s3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+        s0, s1, s2, s3 = rows4(x, o, ld, w)
         for k in range(w):
             mk = m[k]
             d0 = np.float64(s0[k]) - mk
@@ -176,10 +188,8 @@ def acc_bwd(dy, x, start, nr, ld, w, m, a_dy, a_dyxm, a_xm):
     r = 0
     while r + 4 <= nr and ld > w:
         o = start + r * ld
-        x0, x1 = x[o:o + w], x[o + ld:o + ld + w]
-        x2, x3 = x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
-        g0, g1 = dy[o:o + w], dy[o + ld:o + ld + w]
-        g2, g3 = dy[o + 2 * ld:o + 2 * ld + w], dy[o + 3 * ld:o + 3 * ld + w]
+        x0, x1, x2, x3 = rows4(x, o, ld, w)
+        g0, g1, g2, g3 = rows4(dy, o, ld, w)
         for k in range(w):
             mk = m[k]
             e0 = np.float64(g0[k])
@@ -207,16 +217,6 @@ def acc_bwd(dy, x, start, nr, ld, w, m, a_dy, a_dyxm, a_xm):
 
 
 # --- one row (n contiguous elements at x[start]) -------------------------------------------
-
-REDUCE = dict(SERIAL, fastmath={"reassoc", "contract"})
-#: the per-segment helpers of the row kernels, inlined into their caller at numba's IR level: as
-#: calls they cost 10-20 ns each (array slices and their reference counts), as much as the work
-#: on a segment of 16 values. GroupNorm training forward, one thread, called and inlined:
-#: 8x64x4x4 G=32 (512 segments of 16) 17.9 against 13.2 us, 32x64x3x3 G=32 (2048 of 9) 71
-#: against 49 us; bit-identical (the callers have these helpers' flags). Reductions (``REDUCE``)
-#: stay calls: inlined they would take the caller's flags and lose ``reassoc``
-INLINE = dict(SERIAL, inline="always")
-
 
 @njit(**REDUCE)
 def row_sum(x, start, n):

@@ -313,10 +313,9 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
     x: ``(N, C, *spatial)`` or, with ``channels_last``, ``(N, *spatial, C)``; zero or more
     spatial dims.
     """
-    if mean is not None:
-        out = _bn_given_plain(ks, x, weight, bias, eps, channels_last, mean, var)
-        if out is not None:
-            return out
+    out = _bn_plain(ks, x, weight, bias, eps, channels_last, mean, var)
+    if out is not None:
+        return out
     call = _Call(x)
     x = call.x
     _checks.check_min_ndim(x, 2, "batch_norm", "(N, C, *spatial)")
@@ -335,34 +334,51 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
     return call.out(A.restore(y, channels_last, swapped), mean_o, var_o, rstd_o)
 
 
-def _bn_given_plain(ks, x, weight, bias, eps, channels_last, mean, var):
-    """``batch_norm_forward`` with given statistics for a *plain* call, or None: then the
-    checked path must run.
-
-    Plain: a serial-size, non-empty, writable C-contiguous float32/float64 ndarray ``x`` of at
-    least 2 dims; ``eps`` a float > 0 and finite; ``channels_last`` True or False; mean and var
-    given, and they, weight and bias (or None) plain (C,) arrays of x's dtype
-    (``_plain_param``). Every check of the checked path holds for such a call and the kernel
-    call is the one that path makes (``_bn_given_small``), so results are the same; what it
-    skips is the conversions (with the one-call kernel: an 8 x 64 float32 call 20-26 us before,
-    8 us after, torch's F.batch_norm 9-14 us on the 2-core development machine).
-    """
+def _plain_channels(ks, x, eps, channels_last):
+    """``(cl, C)`` for a *plain* call of a channel method (``_bn_plain``, ``_group_norm_plain``),
+    or None: the serial kernels (``ks``), a non-empty, writable, aligned
+    C-contiguous float32/float64 ndarray ``x`` of at least 2 dims, ``eps`` a float > 0 and
+    finite, ``channels_last`` True or False. ``cl``: x is (N, *S, C)."""
     if not (ks is _k.SERIAL_KERNELS and type(x) is np.ndarray and type(eps) is float
             and 0.0 < eps < math.inf and (channels_last is True or channels_last is False)):
         return None
-    dt = x.dtype
-    if not (x.ndim >= 2 and dt in A.KERNEL_DTYPES and x.size and x.flags.carray):
+    if not (x.ndim >= 2 and x.dtype in A.KERNEL_DTYPES and x.size and x.flags.carray):
         return None
     cl = channels_last and x.ndim >= 3
-    C = x.shape[-1] if cl else x.shape[1]
-    shape = (C,)
+    return cl, x.shape[-1] if cl else x.shape[1]
+
+
+def _bn_plain(ks, x, weight, bias, eps, channels_last, mean, var):
+    """``batch_norm_forward`` of a *plain* call, or None: then the checked path must run.
+
+    Plain: ``_plain_channels``; weight, bias and (inference) mean and var None or plain (C,)
+    arrays of x's dtype (``_plain_param``), mean and var both given or both None, more than one
+    value per channel in training. Every check of the checked path holds for such a call and
+    the kernel calls are the ones that path makes (``_bn_given_small`` in inference,
+    ``_bn_forward`` in training, with the parameters cast to float64 as there), so results are
+    the same; what it skips is the conversions. Inference on 8 x 64 float32: 20-26 us before
+    (with the APPLY passes), 8 us after, torch's F.batch_norm 9-14 us on the 2-core
+    development machine.
+    """
+    plain = _plain_channels(ks, x, eps, channels_last)
+    if plain is None or (mean is None) != (var is None):
+        return None
+    cl, C = plain
+    dt, shape = x.dtype, (C,)
+    w = _plain_param(weight, shape, dt, C, None)
+    b = _plain_param(bias, shape, dt, C, None)
+    if w is False or b is False:
+        return None
+    if mean is None:                                     # training
+        if x.size // C <= 1:
+            return None                                  # the checked path raises
+        return _bn_forward(ks, x, cl, _f64(w, C, 1.0), _f64(b, C, 0.0), eps, None, None)
     m = _plain_param(mean, shape, dt, C, None)
     v = _plain_param(var, shape, dt, C, None)
-    w = _plain_param(weight, shape, dt, C, 1.0)
-    b = _plain_param(bias, shape, dt, C, 0.0)
-    if m is False or v is False or w is False or b is False or m is None or v is None:
+    if m is False or v is False:
         return None
-    return _bn_given_small(x, C, 1 if cl else x.size // (x.shape[0] * C), w, b, eps, m, v)
+    return _bn_given_small(x, C, 1 if cl else x.size // (x.shape[0] * C), _param(w, C, dt, 1.0),
+                           _param(b, C, dt, 0.0), eps, m, v)
 
 
 def _bn_given_small(xp, C, inner, w, b, eps, mean, var):
@@ -789,24 +805,18 @@ def _grouped_checks(call, x, channels_last, weight, bias, what, min_ndim, layout
 def _group_norm_plain(ks, x, G, weight, bias, eps, channels_last):
     """``group_norm_forward`` of a *plain* call, or None: then the checked path must run.
 
-    Plain: a serial-size, non-empty, writable C-contiguous float32/float64 ndarray ``x`` of at
-    least 2 dims; ``G`` an int > 0 dividing the channels; ``eps`` a float > 0 and finite;
-    ``channels_last`` True or False; weight and bias None or plain (C,) arrays of x's dtype
-    (``_plain_param``). Every check of the checked path holds for such a call and the kernel
+    Plain: ``_plain_channels``; ``G`` an int > 0 dividing the channels; weight and bias None or
+    plain (C,) arrays of x's dtype (``_plain_param``). Every check of the checked path holds for such a call and the kernel
     call is the one that path makes (``_grouped_forward``), so results are the same; what it
     skips is the conversions.
     """
-    if not (ks is _k.SERIAL_KERNELS and type(x) is np.ndarray and type(G) is int
-            and type(eps) is float and 0.0 < eps < math.inf
-            and (channels_last is True or channels_last is False)):
+    plain = _plain_channels(ks, x, eps, channels_last)
+    if plain is None or type(G) is not int:
         return None
-    dt = x.dtype
-    if not (x.ndim >= 2 and dt in A.KERNEL_DTYPES and x.size and x.flags.carray):
-        return None
-    cl = channels_last and x.ndim >= 3
-    C = x.shape[-1] if cl else x.shape[1]
+    cl, C = plain
     if not (G > 0 and C % G == 0):
         return None
+    dt = x.dtype
     w = _plain_param(weight, (C,), dt, C, None)
     b = _plain_param(bias, (C,), dt, C, None)
     if w is False or b is False:
