@@ -306,8 +306,8 @@ def test_small_given_statistics_calls_equal_the_parallel_kernels(monkeypatch, dt
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-@pytest.mark.parametrize("shape, cl", [((8, 64), False), ((8, 64, 4, 4), False), ((2, 3, 40), False),
-                                       ((2, 4, 3, 5), True)], ids=str)
+@pytest.mark.parametrize("shape, cl", [((8, 64), False), ((8, 64, 4, 4), False),
+                                       ((2, 3, 40), False), ((2, 4, 3, 5), True)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_plain_batch_norm_training_calls_equal_the_checked_path(monkeypatch, dtype, shape, cl,
                                                                 affine):

@@ -113,7 +113,8 @@ INLINE = dict(SERIAL, inline="always")
 @njit(**INLINE)
 def rows4(x, o, ld, w):
     """The four rows of ``w`` values at ``x[o]``, ``ld`` apart (views)."""
-    return x[o:o + w], x[o + ld:o + ld + w], x[o + 2 * ld:o + 2 * ld + w], x[o + 3 * ld:o + 3 * ld + w]
+    return (x[o:o + w], x[o + ld:o + ld + w], x[o + 2 * ld:o + 2 * ld + w],
+            x[o + 3 * ld:o + 3 * ld + w])
 
 
 @njit(**SERIAL)

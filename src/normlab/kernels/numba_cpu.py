@@ -336,9 +336,9 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
 
 def _plain_channels(ks, x, eps, channels_last):
     """``(cl, C)`` for a *plain* call of a channel method (``_bn_plain``, ``_group_norm_plain``),
-    or None: the serial kernels (``ks``), a non-empty, writable, aligned
-    C-contiguous float32/float64 ndarray ``x`` of at least 2 dims, ``eps`` a float > 0 and
-    finite, ``channels_last`` True or False. ``cl``: x is (N, *S, C)."""
+    or None: the serial kernels (``ks``), a non-empty, writable, aligned C-contiguous
+    float32/float64 ndarray ``x`` of at least 2 dims, ``eps`` a float > 0 and finite,
+    ``channels_last`` True or False. ``cl``: x is (N, *S, C)."""
     if not (ks is _k.SERIAL_KERNELS and type(x) is np.ndarray and type(eps) is float
             and 0.0 < eps < math.inf and (channels_last is True or channels_last is False)):
         return None
@@ -644,8 +644,8 @@ def _plain_param(v, shape, dt, L, fill):
 def _row_forward_plain(ks, x, normalized_shape, weight, bias, eps, centered):
     """The row forward of a *plain* call, or None: then the checked path must run.
 
-    Plain: a serial-size (``ks`` the serial twins), non-empty, writable C-contiguous float32 or
-    float64 ndarray ``x``; ``eps`` a float > 0 and finite; ``normalized_shape`` a tuple of one
+    Plain: a serial-size (``ks`` the serial twins), non-empty, writable, aligned C-contiguous
+    float32 or float64 ndarray ``x``; ``eps`` a float > 0 and finite; ``normalized_shape`` a tuple of one
     positive int equal to x's last dimension; weight and bias None or plain parameters
     (``_plain_param``). Every check of the checked path holds for such a call, and the kernel
     call is the one that path makes, so results are the same; what it skips is the
@@ -806,9 +806,10 @@ def _group_norm_plain(ks, x, G, weight, bias, eps, channels_last):
     """``group_norm_forward`` of a *plain* call, or None: then the checked path must run.
 
     Plain: ``_plain_channels``; ``G`` an int > 0 dividing the channels; weight and bias None or
-    plain (C,) arrays of x's dtype (``_plain_param``). Every check of the checked path holds for such a call and the kernel
-    call is the one that path makes (``_grouped_forward``), so results are the same; what it
-    skips is the conversions.
+    plain (C,) arrays of x's dtype (``_plain_param``). Every check of the checked path holds for
+    such a call and the kernel call is the one that path makes (``_grouped_forward``, the
+    parameters cast to float64 as there), so results are the same; what it skips is the
+    conversions.
     """
     plain = _plain_channels(ks, x, eps, channels_last)
     if plain is None or type(G) is not int:
