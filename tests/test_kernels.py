@@ -205,6 +205,19 @@ def spy_plain(monkeypatch, name):
     return taken, spy
 
 
+def read_only(x):
+    """A read-only copy of x (another numba type: never a plain call)."""
+    ro = x.copy()
+    ro.flags.writeable = False
+    return ro
+
+
+def other_typed(w, b):
+    """weight and bias as another type that holds the same values: float64 arrays for float32
+    ones, lists for float64 ones (never plain; the checked path casts them back exactly)."""
+    return (w.astype(F64), b.astype(F64)) if w.dtype == F32 else (list(w), list(b))
+
+
 def assert_same(got, want):
     """Same outputs bit for bit, dtypes and shapes included."""
     assert len(got) == len(want)
@@ -233,8 +246,7 @@ def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affin
         assert_same(got, f())
     monkeypatch.setattr(NB, "_row_forward_plain", spy)
     taken.clear()
-    ro = x.copy()
-    ro.flags.writeable = False
+    ro = read_only(x)
     strided = np.repeat(x, 2, axis=-1)[..., ::2]                    # same values, not contiguous
     near = [lambda: NB.layer_norm_forward(x, (np.int64(L),), w, b, EPS),      # numpy int
             lambda: NB.layer_norm_forward(x, L, w, b, EPS),                   # int, not tuple
@@ -242,7 +254,7 @@ def test_plain_row_calls_equal_the_checked_path(monkeypatch, dtype, shape, affin
             lambda: NB.layer_norm_forward(ro, (L,), w, b, EPS),               # read-only x
             lambda: NB.layer_norm_forward(strided, (L,), w, b, EPS)]
     if affine:
-        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        other = other_typed(w, b)
         near += [lambda: NB.layer_norm_forward(x, (L,), np.repeat(w, 2)[::2], b, EPS),  # strided
                  lambda: NB.layer_norm_forward(x, (L,), *other, EPS)]    # cast exactly to x's
     for f in near:
@@ -277,8 +289,7 @@ def test_small_given_statistics_calls_equal_the_parallel_kernels(monkeypatch, dt
     assert_same(fast, want)
     monkeypatch.setattr(NB, "_bn_plain", spy)
     taken.clear()
-    ro = x.copy()
-    ro.flags.writeable = False
+    ro = read_only(x)
     strided = np.repeat(x, 2, axis=-1)[..., ::2]                 # same values, not contiguous
     kw = dict(channels_last=cl, mean=mean, var=var)
     near = [lambda: NB.batch_norm_forward(x, w, b, np.float64(EPS), **kw),   # numpy float
@@ -290,7 +301,7 @@ def test_small_given_statistics_calls_equal_the_parallel_kernels(monkeypatch, dt
     if not cl and shape[-1] > 1:
         near.append(lambda: NB.batch_norm_forward(strided, w, b, EPS, **kw))
     if affine:                     # another dtype: the checked path casts it to float64
-        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        other = other_typed(w, b)
         near.append(lambda: NB.batch_norm_forward(x, *other, EPS, **kw))
     for f in near:
         got = f()
@@ -323,13 +334,12 @@ def test_plain_batch_norm_training_calls_equal_the_checked_path(monkeypatch, dty
     assert taken == [True]
     monkeypatch.setattr(NB, "_bn_plain", spy)
     taken.clear()
-    ro = x.copy()
-    ro.flags.writeable = False
+    ro = read_only(x)
     near = [lambda: NB.batch_norm_forward(x, w, b, np.float64(EPS), channels_last=cl),
             lambda: NB.batch_norm_forward(ro, w, b, EPS, channels_last=cl),
             lambda: NB.batch_norm_forward(x, w, b, EPS, channels_last=int(cl))]
     if affine:
-        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        other = other_typed(w, b)
         near.append(lambda: NB.batch_norm_forward(x, *other, EPS, channels_last=cl))
     for f in near:
         assert_same(f(), fast)
@@ -397,14 +407,13 @@ def test_plain_group_norm_calls_equal_the_checked_path(monkeypatch, dtype, shape
     assert_same(fast, NB.group_norm_forward(x, G, w, b, EPS, **kw))
     monkeypatch.setattr(NB, "_group_norm_plain", spy)
     taken.clear()
-    ro = x.copy()
-    ro.flags.writeable = False
+    ro = read_only(x)
     near = [lambda: NB.group_norm_forward(x, np.int64(G), w, b, EPS, **kw),      # numpy int
             lambda: NB.group_norm_forward(x, G, w, b, np.float64(EPS), **kw),    # numpy float
             lambda: NB.group_norm_forward(ro, G, w, b, EPS, **kw),               # read-only x
             lambda: NB.group_norm_forward(x, G, w, b, EPS, channels_last=int(channels_last))]
     if affine:
-        other = (w.astype(F64), b.astype(F64)) if dtype == F32 else (list(w), list(b))
+        other = other_typed(w, b)
         near += [lambda: NB.group_norm_forward(x, G, np.repeat(w, 2)[::2], b, EPS, **kw),
                  lambda: NB.group_norm_forward(x, G, *other, EPS, **kw)]   # cast exactly to x's
     for f in near:

@@ -334,15 +334,21 @@ def batch_norm_forward(ks, x, weight, bias, eps, *, channels_last=False, mean=No
     return call.out(A.restore(y, channels_last, swapped), mean_o, var_o, rstd_o)
 
 
+def _plain_array(ks, x, eps) -> bool:
+    """What every *plain* call has (the plain paths of the forwards): the serial kernels
+    (``ks``), a non-empty, writable, aligned C-contiguous float32/float64 ndarray ``x``, ``eps``
+    a float > 0 and finite."""
+    return (ks is _k.SERIAL_KERNELS and type(x) is np.ndarray and type(eps) is float
+            and 0.0 < eps < math.inf and x.dtype in A.KERNEL_DTYPES and x.size > 0
+            and x.flags.carray)
+
+
 def _plain_channels(ks, x, eps, channels_last):
     """``(cl, C)`` for a *plain* call of a channel method (``_bn_plain``, ``_group_norm_plain``),
-    or None: the serial kernels (``ks``), a non-empty, writable, aligned C-contiguous
-    float32/float64 ndarray ``x`` of at least 2 dims, ``eps`` a float > 0 and finite,
-    ``channels_last`` True or False. ``cl``: x is (N, *S, C)."""
-    if not (ks is _k.SERIAL_KERNELS and type(x) is np.ndarray and type(eps) is float
-            and 0.0 < eps < math.inf and (channels_last is True or channels_last is False)):
-        return None
-    if not (x.ndim >= 2 and x.dtype in A.KERNEL_DTYPES and x.size and x.flags.carray):
+    or None: ``_plain_array``, x of at least 2 dims, ``channels_last`` True or False. ``cl``: x
+    is (N, *S, C)."""
+    if not (_plain_array(ks, x, eps) and x.ndim >= 2
+            and (channels_last is True or channels_last is False)):
         return None
     cl = channels_last and x.ndim >= 3
     return cl, x.shape[-1] if cl else x.shape[1]
@@ -377,7 +383,7 @@ def _bn_plain(ks, x, weight, bias, eps, channels_last, mean, var):
     v = _plain_param(var, shape, dt, C, None)
     if m is False or v is False:
         return None
-    return _bn_given_small(x, C, 1 if cl else x.size // (x.shape[0] * C), _param(w, C, dt, 1.0),
+    return _bn_given_small(x, C, 1 if cl else _spatial(x, cl), _param(w, C, dt, 1.0),
                            _param(b, C, dt, 0.0), eps, m, v)
 
 
@@ -644,21 +650,17 @@ def _plain_param(v, shape, dt, L, fill):
 def _row_forward_plain(ks, x, normalized_shape, weight, bias, eps, centered):
     """The row forward of a *plain* call, or None: then the checked path must run.
 
-    Plain: a serial-size (``ks`` the serial twins), non-empty, writable, aligned C-contiguous
-    float32 or float64 ndarray ``x``; ``eps`` a float > 0 and finite; ``normalized_shape`` a tuple of one
-    positive int equal to x's last dimension; weight and bias None or plain parameters
-    (``_plain_param``). Every check of the checked path holds for such a call, and the kernel
-    call is the one that path makes, so results are the same; what it skips is the
-    conversions (8-10 us of Python per call against the kernel's 2-12 us on 8x64 to 8x4096,
-    about half of it saved here).
+    Plain: ``_plain_array``; ``normalized_shape`` a tuple of one positive int equal to x's last
+    dimension; weight and bias None or plain parameters (``_plain_param``). Every check of the
+    checked path holds for such a call, and the kernel call is the one that path makes, so
+    results are the same; what it skips is the conversions (8-10 us of Python per call against
+    the kernel's 2-12 us on 8x64 to 8x4096, about half of it saved here).
     """
-    if not (ks is _k.SERIAL_KERNELS and type(x) is np.ndarray and type(eps) is float
-            and 0.0 < eps < math.inf and type(normalized_shape) is tuple
+    if not (_plain_array(ks, x, eps) and type(normalized_shape) is tuple
             and len(normalized_shape) == 1):
         return None
     L, dt = normalized_shape[0], x.dtype
-    if not (type(L) is int and L > 0 and x.ndim >= 1 and x.shape[-1] == L and x.size
-            and dt in A.KERNEL_DTYPES and x.flags.carray):
+    if not (type(L) is int and L > 0 and x.ndim >= 1 and x.shape[-1] == L):
         return None
     w = _plain_param(weight, normalized_shape, dt, L, 1.0)
     b = _plain_param(bias, normalized_shape, dt, L, 0.0)
