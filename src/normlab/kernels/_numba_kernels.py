@@ -468,8 +468,9 @@ def row_elem_backward(dy, x, R, L, T, per, w, mean, rstd, centered, param_grads,
     """LayerNorm / RMSNorm backward, one read of (x, dy) per row, dx written once.
 
     w: (L,) x's dtype.  mean, rstd: (R,) float64.  dwp, dbp: (T * L,) float64 work arrays:
-    per-task partial sums of dy * xhat and dy (summed over tasks by the caller) when
-    ``param_grads`` (each task zeroes its own slice).
+    per-task partial sums of dy * xhat and dy when ``param_grads`` (each task zeroes its own
+    slice), then summed over the tasks in task order into the first slice (``dwp[:L]``,
+    ``dbp[:L]``).
     """
     for it in prange(T):
         t = np.int64(it)
@@ -513,6 +514,11 @@ def row_elem_backward(dy, x, R, L, T, per, w, mean, rstd, centered, param_grads,
             else:
                 for j in range(L):
                     ds[j] = ((gs[j] * w[j] - cg) - ((xs[j] - mh) - ml) * q) * rs
+    if param_grads:
+        for t in range(1, T):
+            for j in range(L):
+                dwp[j] += dwp[t * L + j]
+                dbp[j] += dbp[t * L + j]
 
 
 @njit(**PARALLEL)

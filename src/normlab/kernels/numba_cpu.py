@@ -524,13 +524,6 @@ def _bn_backward(ks, dyp, xp, cl, w, mean64, rstd64, training, need_w, need_b):
 _NO_BIAS = object()      # _row_setup: no bias wanted (backward)
 
 
-def _task_sum(part, T, L):
-    """``part`` holds two blocks of T per-task (L,) partials: their two (L,) sums, as a fresh
-    (2, L) array (``part`` is a reused buffer)."""
-    p = part.reshape(2, T, L)
-    return p[:, 0].copy() if T == 1 else p.sum(axis=1)
-
-
 _FILLED = {}          # (L, dtype, fill) -> constant parameter array (internal, never returned)
 
 
@@ -618,22 +611,21 @@ def _row_backward(ks, dy, x, normalized_shape, weight, mean, rstd, centered, nee
 
 def _row_bwd(ks, dyc, xc, L, w, mean64, rstd64, centered, need_w, need_b):
     """The row backward on C-contiguous ``dyc``, ``xc``; w: (L,) in xc's dtype; mean64, rstd64:
-    float64 (R,). ``(dx, dweight, dbias)``, the last two float64 (L,) or None."""
+    float64 (R,). ``(dx, dweight, dbias)``, the last two (L,) in xc's dtype (rounded from the
+    float64 sums) or None."""
     R = xc.size // L if L else 0
     dx = _pool.empty_like(xc)
     grads = need_w or need_b
     T, per = _row_tasks(R, L, partials=True)
-    part = _scratch(2 * T * L if grads else 0)          # zeroed by the kernel
+    part = _scratch(2 * T * L if grads else 0)          # zeroed and summed by the kernel
     dwp, dbp = part[:T * L], part[T * L:]
     if R:
         ks.row_elem_backward(dyc.ravel(), xc.ravel(), R, L, T, per, w, mean64, rstd64,
                                centered, grads, dx.ravel(), dwp, dbp)
-    dweight = dbias = None
-    if grads:
-        sums = _task_sum(part, T, L) if R else np.zeros((2, L))      # (2, L): dweight, dbias
-        dweight = sums[0] if need_w else None
-        dbias = sums[1] if need_b else None
-    return dx, dweight, dbias
+    elif grads:
+        dwp, dbp = np.zeros(L), np.zeros(L)
+    dt = xc.dtype
+    return (dx, dwp[:L].astype(dt) if need_w else None, dbp[:L].astype(dt) if need_b else None)
 
 
 def _plain_param(v, shape, dt, L, fill):
@@ -965,9 +957,8 @@ def direct_row_backward(ks, dyc, xc, L, weight, mean, rstd, centered, need_w, ne
     """``(dx, dweight, dbias)`` of layer_norm / rms_norm, dweight/dbias flat (L,) (unchecked)."""
     dt, R = xc.dtype, xc.size // L
     mean64 = _f64(mean, R, 0.0) if centered else _filled(R, np.float64, 0.0)
-    dx, dw, db = _row_bwd(ks, dyc, xc, L, _param(weight, L, dt, 1.0), mean64, _f64(rstd, R, 1.0),
-                          centered, need_w, need_b)
-    return dx, _cast(dw, dt), _cast(db, dt)
+    return _row_bwd(ks, dyc, xc, L, _param(weight, L, dt, 1.0), mean64, _f64(rstd, R, 1.0),
+                    centered, need_w, need_b)
 
 
 # --- column moments (not part of the kernel contract) ---------------------------------------
