@@ -41,14 +41,16 @@ contract's validation: its inputs were checked by ``normlab.nn.functional``, so 
 numba backend's unchecked ``direct_*`` entries on NumPy views (the same cores the checked
 functions run); the custom ops, which can be called directly with anything, keep the checked
 functions. ``normlab.nn.functional.layer_norm`` forward + backward, one thread, on the 2-core
-development machine (``benchmarks/eager_overhead.py``): 8 x 64 72 us eagerly (87 us before
-the direct entries), 140 us through the ops, torch 21 us; 32 x 1024: 113 (127), 187 and 39 us.
-Of the 72 us: the kernels 2.7 us, ``_run_forward`` + ``_run_backward`` (the kernel calls with
-the tensor conversions) 25 us, an empty ``autograd.Function`` with two saved tensors 23 us,
-the method's Function around the run functions 10 us, ``_call`` 3 us and the functional's
-checks 12 us. Everywhere else the custom ops run, so compiled graphs and dispatch modes see
-``normlab::`` ops. The two paths give bit-identical results (tested); ``EAGER = False`` forces
-the ops.
+development machine (``benchmarks/eager_overhead.py``, 2026-12-05, when the machine ran torch's
+own call in 65 us against 21 us when first measured): 8 x 64 182 us eagerly (218 us before the
+eager Function returned only what its callers use and kept its statistics as NumPy arrays),
+380 us through the ops, torch 65 us; 32 x 1024: 262 (287), 467 and 96 us. Of the 182 us: an
+empty ``autograd.Function`` with two saved tensors 82 us (more than torch's whole call: the
+floor of any Python-level Function), ``_run_forward`` + ``_run_backward`` (the kernel calls
+with the tensor conversions) 33 us, the method's Function around them 9 us, ``_call`` 4 us and
+the functional's checks and dispatch 30 us. Everywhere else the custom ops run, so compiled
+graphs and dispatch modes see ``normlab::`` ops. The two paths give bit-identical results
+(tested); ``EAGER = False`` forces the ops.
 
 Double backward: when the backward runs with ``create_graph=True`` (grad mode on), it
 differentiates the method's torch composite (``_composite``) instead of calling the kernel, so
@@ -68,6 +70,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
@@ -332,7 +335,8 @@ def _np(t: Optional[Tensor]):
 
 
 def _tensor(a):
-    return None if a is None else torch.from_numpy(a)
+    """A kernel result as a tensor: NumPy arrays wrapped (no copy), tensors and None as they are."""
+    return torch.from_numpy(a) if type(a) is np.ndarray else a
 
 
 def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, be=None, *,
@@ -342,53 +346,62 @@ def _run_forward(method: Method, x: Tensor, weight, bias, mean, var, arg, eps, b
 
     ``op``: for the custom op, whose inputs nothing has checked (it can be called as
     ``torch.ops.normlab.*`` directly): the backend's contract functions, which validate, and
-    empty tensors for the statistics a method does not produce. Otherwise (the eager path,
+    tensors, empty for the statistics a method does not produce. Otherwise (the eager path,
     inputs validated by ``normlab.nn.functional``) the numba backend's unchecked entries run
-    on NumPy views, and what is not produced is None."""
+    on NumPy views, and the statistics are the kernel's NumPy arrays (None where not
+    produced): the eager path wraps only those it returns."""
     xk, cl = _kernel_view(method, x)
     be = be or _backend(x)
     if be.name == BACKEND and not op:
         y, m, v, r = method.direct_forward(be.impl, xk.detach().numpy(), _np(weight), _np(bias),
                                            _np(mean), _np(var), arg, eps, cl)
-        return _own_layout(torch.from_numpy(y), cl), _tensor(m), _tensor(v), _tensor(r)
+        return _own_layout(torch.from_numpy(y), cl), m, v, r
     y, m, v, r = method.forward(be, xk, weight, bias, mean, var, arg, eps, cl)
     sd = _stat_dtype(x)
+    if not op:
+        return (_own_layout(y, cl),) + tuple(t if t is None else _or_empty(t, x, sd)
+                                             for t in (m, v, r))
     return _own_layout(y, cl), _or_empty(m, x, sd), _or_empty(v, x, sd), _or_empty(r, x, sd)
 
 
 def _run_backward(method: Method, dy: Tensor, x: Tensor, weight, mean, rstd, arg, need_weight_grad,
                   need_bias_grad, be=None, *, op=False):
-    """The backward kernel: ``(dx, dweight, dbias)``, None (``op``: empty) where not asked."""
+    """The backward kernel: ``(dx, dweight, dbias)``, None (``op``: empty) where not asked.
+    ``mean``/``rstd``: as ``_run_forward`` returned them (or given statistics: tensors)."""
     xk, cl = _kernel_view(method, x)
     dyk = (dy.movedim(1, -1) if cl else dy).contiguous()
     be = be or _backend(x)
     if be.name == BACKEND and not op:
+        if isinstance(mean, Tensor):
+            mean = mean.detach().numpy()
         dx, dw, db = method.direct_backward(be.impl, dyk.detach().numpy(), xk.detach().numpy(),
-                                            _np(weight), _np(mean), rstd.numpy(), arg, cl,
-                                            need_weight_grad, need_bias_grad)
+                                            _np(weight), mean, rstd, arg, cl, need_weight_grad,
+                                            need_bias_grad)
         return _own_layout(torch.from_numpy(dx), cl), _tensor(dw), _tensor(db)
     dx, dw, db = method.backward(be, dyk, xk, weight, mean, rstd, arg, cl, need_weight_grad,
                                  need_bias_grad)
+    if not op:
+        return _own_layout(dx, cl), dw, db
     return _own_layout(dx, cl), _or_empty(dw, x), _or_empty(db, x)
 
 
 def _save(ctx, method: Method, x, weight, bias, mean, var, arg, eps, output):
-    """What the backward needs (both paths): the statistics outputs are not differentiable."""
+    """What the custom op's backward needs: the statistics outputs are not differentiable."""
     _, m, v, r = output
-    ctx.mark_non_differentiable(*[t for t in (m, v, r) if t is not None])
+    ctx.mark_non_differentiable(m, v, r)
     ctx.set_materialize_grads(False)         # no zero-filled gradients for the statistics
-    saved_mean = mean if method.given_stats else m
-    ctx.save_for_backward(x, weight, bias, saved_mean, var, r)
+    ctx.save_for_backward(x, weight, bias, mean if method.given_stats else m, var, r)
     ctx.arg, ctx.eps = list(arg), eps
 
 
-def _input_grads(method: Method, ctx, grad_y, needs, backward):
-    """``(dx, dweight, dbias)`` (None where not needed) for both paths; ``backward`` is the
-    fused backward (the custom op, or ``_run_backward`` directly). Under ``create_graph=True``
-    (grad mode on) the composite is differentiated instead, so second order is exact."""
+def _input_grads(method: Method, ctx, saved, grad_y, needs, backward):
+    """``(dx, dweight, dbias)`` (None where not needed) for both paths; ``saved`` is ``(x,
+    weight, bias, mean, var, rstd)`` and ``backward`` the fused backward (the custom op, or
+    ``_run_backward`` directly). Under ``create_graph=True`` (grad mode on) the composite is
+    differentiated instead, so second order is exact."""
     if grad_y is None:                       # only a statistic was used: nothing flows back
         return None, None, None
-    x, weight, bias, mean, var, rstd = ctx.saved_tensors
+    x, weight, bias, mean, var, rstd = saved
     need_x, need_w, need_b = needs
     need_w, need_b = need_w and weight is not None, need_b and bias is not None
     if torch.is_grad_enabled():              # create_graph=True: differentiate the composite
@@ -446,7 +459,8 @@ def _define(method: Method):
         _save(ctx, method, *inputs, output)
 
     def autograd_backward(ctx, grad_y, _grad_mean, _grad_var, _grad_rstd):
-        grads = _input_grads(method, ctx, grad_y, ctx.needs_input_grad[:3], bwd_op)
+        grads = _input_grads(method, ctx, ctx.saved_tensors, grad_y, ctx.needs_input_grad[:3],
+                             bwd_op)
         return grads + (None,) * 4             # mean, var (given statistics: constants), arg, eps
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
@@ -457,26 +471,42 @@ class _Eager(torch.autograd.Function):
     """The eager fast path: the same kernels and gradients as the custom ops, without the
     dispatcher's per-call cost (see the module docstring). One subclass per method
     (``EAGER_FUNCTIONS``), so ``grad_fn`` names the method (``normlab_layer_normBackward``).
-    Taken where nothing can observe the difference: see ``_eager_ok``."""
+    Taken where nothing can observe the difference: see ``_eager_ok``.
+
+    Leaner than the op's autograd formula, since each output and saved tensor costs
+    microseconds: it returns ``y``, plus ``(mean, var)`` for the methods whose callers update
+    running statistics (``returns_var``); the inputs are saved with ``save_for_backward`` (torch
+    then detects in-place changes before the backward), the statistics it computed (neither
+    inputs nor returned) as attributes."""
 
     method: Method
 
     @classmethod
-    def forward(cls, ctx, x, weight, bias, mean, var, arg, eps):
-        ctx.be = _backend(x)                   # resolved once for forward and backward
-        out = _run_forward(cls.method, x, weight, bias, mean, var, arg, eps, ctx.be)
-        _save(ctx, cls.method, x, weight, bias, mean, var, arg, eps, out)
-        return out
+    def forward(cls, ctx, x, weight, bias, mean, var, arg, eps, be):
+        method = cls.method
+        ctx.be = be                            # resolved once for forward and backward
+        y, m, v, r = _run_forward(method, x, weight, bias, mean, var, arg, eps, be)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.stats, ctx.arg, ctx.eps = (m, r), arg, eps
+        if not method.returns_var:
+            return y
+        m, v = _tensor(m), _tensor(v)
+        ctx.mark_non_differentiable(m, v)
+        ctx.set_materialize_grads(False)       # no zero-filled gradients for the statistics
+        return y, m, v
 
     @classmethod
-    def backward(cls, ctx, grad_y, _grad_mean, _grad_var, _grad_rstd):
+    def backward(cls, ctx, grad_y, *_grad_stats):
         method, be = cls.method, ctx.be
+        x, weight, bias, mean, var = ctx.saved_tensors
+        m, r = ctx.stats
 
         def fused_backward(*args):
             return _run_backward(method, *args, be=be)
 
-        grads = _input_grads(method, ctx, grad_y, ctx.needs_input_grad[:3], fused_backward)
-        return grads + (None,) * 4             # mean, var, arg, eps
+        saved = x, weight, bias, mean if method.given_stats else m, var, r
+        grads = _input_grads(method, ctx, saved, grad_y, ctx.needs_input_grad[:3], fused_backward)
+        return grads + (None,) * 5             # mean, var, arg, eps, be
 
 
 EAGER_FUNCTIONS = {name: type(f"normlab_{name}", (_Eager,), {"method": m})
@@ -514,41 +544,45 @@ OPS = {name: _define(m) for name, m in METHODS.items()}
 
 # --- entry points (called by normlab.nn.functional) ------------------------------------------
 
-def _call(name, x, weight, bias, mean, var, arg, eps):
+def _call(name, x, weight, bias, mean, var, arg, eps, be=None):
+    """``(y, mean, var)``: the statistics None (eager) or empty (op) where not produced. ``be``:
+    the backend ``normlab.nn.functional`` resolved (eager code), or None."""
     eps = float(eps)
     if not _eager_ok(x, weight, bias, mean, var):
-        return OPS[name][0](x, weight, bias, mean, var, arg, eps)
+        return OPS[name][0](x, weight, bias, mean, var, arg, eps)[:3]
+    if be is None or be is True:     # True: ``_use_fused`` under torch.compile (not reached)
+        be = _backend(x)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return EAGER_FUNCTIONS[name].apply(x, weight, bias, mean, var, arg, eps)
-    return _run_forward(METHODS[name], x, weight, bias, mean, var, arg, eps)
+        out = EAGER_FUNCTIONS[name].apply(x, weight, bias, mean, var, arg, eps, be)
+        return out if METHODS[name].returns_var else (out, None, None)
+    y, m, v, _ = _run_forward(METHODS[name], x, weight, bias, mean, var, arg, eps, be)
+    return y, _tensor(m), _tensor(v)
 
 
-def batch_norm_train(x, weight, bias, eps):
-    """``(y, mean, var)``: batch statistics ``(C,)`` (biased variance), for the running update."""
-    y, mean, var, _ = _call("batch_norm_train", x, weight, bias, None, None, [], eps)
-    return y, mean, var
+def batch_norm_train(x, weight, bias, eps, be=None):
+    """``(y, mean, var)``: batch statistics ``(C,)`` (biased variance), for the running update.
+    ``be`` (every entry point): the kernel backend, when the caller resolved it."""
+    return _call("batch_norm_train", x, weight, bias, None, None, [], eps, be)
 
 
-def batch_norm_eval(x, weight, bias, mean, var, eps):
+def batch_norm_eval(x, weight, bias, mean, var, eps, be=None):
     """``y`` normalized with the given per-channel statistics (BN inference, IN with running stats)."""
-    return _call("batch_norm_eval", x, weight, bias, mean, var, [], eps)[0]
+    return _call("batch_norm_eval", x, weight, bias, mean, var, [], eps, be)[0]
 
 
-def instance_norm(x, weight, bias, eps):
+def instance_norm(x, weight, bias, eps, be=None):
     """``(y, mean, var)``: per-(sample, channel) statistics ``(N, C)``."""
-    y, mean, var, _ = _call("instance_norm", x, weight, bias, None, None, [], eps)
-    return y, mean, var
+    return _call("instance_norm", x, weight, bias, None, None, [], eps, be)
 
 
-def group_norm(x, num_groups, weight, bias, eps):
-    return _call("group_norm", x, weight, bias, None, None, [int(num_groups)], eps)[0]
+def group_norm(x, num_groups, weight, bias, eps, be=None):
+    return _call("group_norm", x, weight, bias, None, None, [int(num_groups)], eps, be)[0]
 
 
-def layer_norm(x, normalized_shape, weight, bias, eps):
-    return _call("layer_norm", x, weight, bias, None, None, list(normalized_shape), eps)[0]
+def layer_norm(x, normalized_shape, weight, bias, eps, be=None):
+    return _call("layer_norm", x, weight, bias, None, None, list(normalized_shape), eps, be)[0]
 
 
-def rms_norm(x, normalized_shape, weight, eps):
-    return _call("rms_norm", x, weight, None, None, None, list(normalized_shape), eps)[0]
-
+def rms_norm(x, normalized_shape, weight, eps, be=None):
+    return _call("rms_norm", x, weight, None, None, None, list(normalized_shape), eps, be)[0]

@@ -39,32 +39,47 @@ __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _registry_fused(device_type: str, dtype):
+    """The registry's backend for ``device_type`` and ``dtype`` when it is a fused backend
+    (``_fused.BACKENDS``), else None; an explicit choice (``NORMLAB_BACKEND``) that cannot run
+    raises the registry's error."""
+    try:
+        be = get_backend(None, device=device_type, dtype=dtype)
+    except ValueError:
+        if os.environ.get(ENV_VAR, "").strip():   # an explicit choice that cannot run
+            raise
+        return None         # no kernel backend at all (e.g. bfloat16): the torch composite
+    return be if be.name in _fused.BACKENDS else None
+
+
 @torch.compiler.assume_constant_result
 def _registry_picks_fused(device_type: str, dtype_name: str, env: str) -> bool:
-    """Whether the registry resolves to the fused backend (raises for an impossible explicit choice).
-
-    ``env`` is the value of ``NORMLAB_BACKEND``. Under ``torch.compile`` the answer is a
-    trace-time constant (dynamo does not trace the registry): a compiled model keeps the choice
-    made when it was traced, and changing ``NORMLAB_BACKEND`` afterwards needs
-    ``torch._dynamo.reset()`` (or a fresh ``torch.compile``) to take effect.
-    """
-    try:
-        return get_backend(None, device=device_type, dtype=dtype_name).name in _fused.BACKENDS
-    except ValueError:
-        if env.strip():     # an explicit choice that cannot run: the registry's error stands
-            raise
-        return False        # no kernel backend at all (e.g. bfloat16): the torch composite
+    """``_registry_fused`` as a trace-time constant under ``torch.compile`` (dynamo does not
+    trace the registry): a compiled model keeps the choice made when it was traced, and
+    changing ``NORMLAB_BACKEND`` (``env``, its value) afterwards needs ``torch._dynamo.reset()``
+    (or a fresh ``torch.compile``) to take effect."""
+    return _registry_fused(device_type, dtype_name) is not None
 
 
-def _use_fused(input, *params) -> bool:
-    """True when the fused ops apply to ``input`` (see the module docstring)."""
+def _use_fused(input, *params):
+    """The fused backend that runs ``input`` (see the module docstring), or None: the torch
+    composite runs. In eager code the ``kernels.Backend``, handed on to ``_fused`` (resolved
+    once per call); under ``torch.compile`` True (the custom ops resolve it when they run).
+    The parameters' devices were checked by ``_check_tensors``: only their dtypes matter here."""
     if input.numel() == 0:
-        return False
-    dtype_name = str(input.dtype).replace("torch.", "")
-    if not _registry_picks_fused(input.device.type, dtype_name, os.environ.get(ENV_VAR, "")):
-        return False
-    return input.dtype in _KERNEL_DTYPES and all(
-        p is None or (p.dtype == input.dtype and p.device == input.device) for p in params)
+        return None
+    dtype = input.dtype
+    if torch.compiler.is_compiling():
+        be = _registry_picks_fused(input.device.type, str(dtype).replace("torch.", ""),
+                                   os.environ.get(ENV_VAR, ""))
+    else:
+        be = _registry_fused(input.device.type, dtype)
+    if not be or dtype not in _KERNEL_DTYPES:
+        return None
+    for p in params:
+        if p is not None and p.dtype != dtype:
+            return None
+    return be
 
 
 def _check_input(input, what):
@@ -186,7 +201,6 @@ _NO_COUNT = np.empty(0, np.int64)
 _NO_STATS = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
-@torch.no_grad()
 def _update_running(running_mean, running_var, mean, var, count, momentum, *,
                     num_batches_tracked=None, owner=None, nonfinite=None):
     """Fold the batch statistics ``mean``/``var`` (C,) into the running statistics, in place.
@@ -213,6 +227,15 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, *,
     if _fold_on_host(running_mean, running_var, mean, var, count, f, policy, num_batches_tracked,
                      owner):
         return
+    with torch.no_grad():          # here only: entering it costs more than the host update
+        _update_running_torch(running_mean, running_var, mean, var, count, f, policy,
+                              num_batches_tracked, owner)
+
+
+def _update_running_torch(running_mean, running_var, mean, var, count, f, policy,
+                          num_batches_tracked, owner):
+    """``_update_running`` as torch operations (under ``torch.no_grad``): any device and dtype,
+    and what dispatch modes and ``torch.compile`` must see."""
     unbiased = var * (count / max(count - 1, 1))
     if policy != "propagate" and torch.compiler.is_compiling():
         ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
@@ -240,8 +263,9 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, *,
 
 def _normalize_given(input, running_mean, running_var, weight, bias, eps):
     """Normalize every channel with the given statistics (BN inference, IN with running stats)."""
-    if _use_fused(input, weight, bias, running_mean, running_var):
-        return _fused.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    be = _use_fused(input, weight, bias, running_mean, running_var)
+    if be:
+        return _fused.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, be)
     y, _, _ = _composite.batch_norm(input, weight, bias, eps, running_mean, running_var)
     return y
 
@@ -282,8 +306,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if count == 0:  # an empty batch: empty output, running statistics left as they are
         return input.clone()
     _checks.check_values_per_channel(count, input.shape, "batch_norm")   # batch statistics
-    if _use_fused(input, weight, bias):
-        y, mean, var = _fused.batch_norm_train(input, weight, bias, eps)
+    be = _use_fused(input, weight, bias)
+    if be:
+        y, mean, var = _fused.batch_norm_train(input, weight, bias, eps, be)
     else:
         y, mean, var = _composite.batch_norm(input, weight, bias, eps)
     tracked = running_mean is not None or running_var is not None
@@ -332,8 +357,9 @@ def _instance_norm(input, running_mean, running_var, weight, bias, use_input_sta
             f"{tuple(input.shape)}; InstanceNorm of a single value is always 0")
     if input.numel() == 0:  # torch would write NaN into the running statistics here; we do not
         return input.clone()
-    if _use_fused(input, weight, bias):
-        y, mean, var = _fused.instance_norm(input, weight, bias, eps)
+    be = _use_fused(input, weight, bias)
+    if be:
+        y, mean, var = _fused.instance_norm(input, weight, bias, eps, be)
     else:
         y, mean, var = _composite.instance_norm(input, weight, bias, eps)
     if momentum is not None and (running_mean is not None or running_var is not None):
@@ -353,8 +379,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     _checks.check_param_shape(bias, shape, "bias")
     if input.numel() == 0:
         return input.clone()
-    if _use_fused(input, weight, bias):
-        return _fused.layer_norm(input, shape, weight, bias, eps)
+    be = _use_fused(input, weight, bias)
+    if be:
+        return _fused.layer_norm(input, shape, weight, bias, eps, be)
     return _composite.layer_norm(input, shape, weight, bias, eps)
 
 
@@ -369,8 +396,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     _check_stat_vectors(C, input, "group_norm", weight=weight, bias=bias)
     if input.numel() == 0:
         return input.clone()
-    if _use_fused(input, weight, bias):
-        return _fused.group_norm(input, num_groups, weight, bias, eps)
+    be = _use_fused(input, weight, bias)
+    if be:
+        return _fused.group_norm(input, num_groups, weight, bias, eps, be)
     return _composite.group_norm(input, num_groups, weight, bias, eps)
 
 
@@ -386,8 +414,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     _checks.check_param_shape(weight, shape, "weight")
     if input.numel() == 0:
         return input.clone()
-    if _use_fused(input, weight):
-        return _fused.rms_norm(input, shape, weight, eps)
+    be = _use_fused(input, weight)
+    if be:
+        return _fused.rms_norm(input, shape, weight, eps, be)
     return _composite.rms_norm(input, shape, weight, eps)
 
 

@@ -70,12 +70,18 @@ _DIMS = {"BatchNorm1d": ((2, 3), "(N, C) or (N, C, L)"), "BatchNorm2d": ((4,), "
          "InstanceNorm3d": ((4, 5), "(C, D, H, W) or (N, C, D, H, W)")}
 
 
+_DIMS_OF: dict = {}      # class -> (its name, its torch.nn base's name, allowed ranks, layout)
+
+
 def _check_dims(module, input):
     """Rank and channel count, with the layout expected and the fix (torch.nn's message is
     'expected 4D input (got 2D input)')."""
-    name = type(module).__name__
-    base = next(c.__name__ for c in type(module).__mro__ if c.__name__ in _DIMS)
-    allowed, layout = _DIMS[base]
+    cls = type(module)
+    try:
+        name, base, allowed, layout = _DIMS_OF[cls]
+    except KeyError:
+        base = next(c.__name__ for c in cls.__mro__ if c.__name__ in _DIMS)
+        name, base, allowed, layout = _DIMS_OF[cls] = (cls.__name__, base) + _DIMS[base]
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}; convert it "
                         f"with torch.as_tensor(x)")
@@ -89,6 +95,7 @@ def _check_dims(module, input):
             f"{name} was built for num_features={module.num_features} but the input of shape "
             f"{tuple(input.shape)} has {input.shape[axis]} channels on axis {axis}; pass an input "
             f"with {module.num_features} channels, or build {name}({input.shape[axis]})")
+
 
 def _batch_moments(x: torch.Tensor, dims):
     """``(var, mean)`` over ``dims`` (biased), for statistics computed outside the fused kernels
