@@ -617,7 +617,7 @@ def _row_bwd(ks, dyc, xc, L, w, mean64, rstd64, centered, need_w, need_b):
     dx = _pool.empty_like(xc)
     grads = need_w or need_b
     T, per = _row_tasks(R, L, partials=True)
-    part = _scratch(2 * T * L if grads else 0)          # zeroed and summed by the kernel
+    part = _scratch(2 * T * L if grads else 0)          # written and summed by the kernel
     dwp, dbp = part[:T * L], part[T * L:]
     if R:
         ks.row_elem_backward(dyc.ravel(), xc.ravel(), R, L, T, per, w, mean64, rstd64,
