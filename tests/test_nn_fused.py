@@ -501,6 +501,28 @@ def test_empty_batch_keeps_running_stats_and_skips_the_ops():
     assert torch.equal(m.running_mean, before[0]) and torch.equal(m.running_var, before[1])
 
 
+@pytest.mark.parametrize("path", ["eager", "ops", "composite"])
+@pytest.mark.parametrize("kind", ["batch", "instance"])
+def test_running_statistics_stay_out_of_the_autograd_graph(monkeypatch, path, kind):
+    """The running statistics never join the autograd graph, on any path, although the batch
+    statistics come from inputs that require grad: the functional hands them to the update
+    detached, and the update runs on host views (eager path) or as torch operations under
+    ``torch.no_grad`` (ops, composite). Fails if both guards go (checked by mutation)."""
+    monkeypatch.setattr(_fused, "EAGER", path != "ops")
+    dtype = torch.bfloat16 if path == "composite" else torch.float64
+    m = (nl.BatchNorm2d(3) if kind == "batch" else
+         nl.InstanceNorm2d(3, affine=True, track_running_stats=True)).to(dtype)
+    x = torch.randn(4, 3, 5, 5, dtype=dtype, requires_grad=True)
+    with _record() as rec, _record_ops() if path == "ops" else contextlib.nullcontext():
+        y = m(x)
+    assert bool(rec.ops) == (path != "composite"), rec.ops
+    for buf in (m.running_mean, m.running_var):
+        assert not buf.requires_grad and buf.grad_fn is None
+    assert not torch.equal(m.running_mean, torch.zeros(3, dtype=dtype))      # it was updated
+    y.sum().backward()
+    assert x.grad is not None and m.weight.grad is not None
+
+
 def test_bad_input_error_names_the_value():
     with pytest.raises(ValueError, match=r"num_groups=4 does not divide num_channels=6"):
         NF.group_norm(torch.randn(2, 6, 3), 4)
