@@ -102,18 +102,24 @@ class Backend:
         self.description = entry.description
         self.impl = impl
 
-    def __getattr__(self, name):
-        # the contract's functions, looked up on the implementation at each call (a Backend is
-        # built once per backend and device, and a patched implementation must still be seen)
-        if name in FUNCTIONS:
-            return getattr(self.impl, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     def supports(self, dtype) -> bool:
         return _dtype_name(dtype) in self.dtypes
 
     def __repr__(self):
         return f"Backend({self.name!r}, device={self.device!r}, dtypes={self.dtypes})"
+
+
+def _contract_property(name: str) -> property:
+    # the implementation's function, looked up at each access: a Backend is built once per
+    # backend and device, and a patched implementation must still be seen. A property rather
+    # than ``__getattr__``, which runs only after the normal lookup has failed: 0.9 us per
+    # access against 0.1 us, on calls whose kernels take a few us (LayerNorm 1x4096)
+    return property(lambda self: getattr(self.impl, name), doc=f"The backend's ``{name}``.")
+
+
+for _name in FUNCTIONS:
+    setattr(Backend, _name, _contract_property(_name))
+del _name
 
 
 _REGISTRY: dict = {}
