@@ -690,6 +690,29 @@ def test_nan_propagates_to_its_own_statistic_only(channels_last):
     assert np.argwhere(np.isnan(m)).tolist() == [[1, 1]]
 
 
+@pytest.mark.parametrize("ks", ["serial", "parallel"])
+def test_an_infinity_gives_the_references_statistics_across_merged_blocks(ks):
+    """Blocks of a long row and chunks of a column merge with Chan's formula; an infinite value
+    in either part must give the reference's mean (inf; NaN for +inf and -inf together) and a
+    NaN variance, not the NaN of ``inf + (finite - inf) * f``."""
+    ks = NB._k.SERIAL_KERNELS if ks == "serial" else NB._k.PARALLEL_KERNELS
+    inf = np.inf
+    rows = np.ones((4, 9000))                       # rows of three BLOCKs
+    rows[0, 5000], rows[1, 10], rows[2, 10], rows[2, 8999] = inf, -inf, inf, -inf
+    _, m, r = NB.layer_norm_forward.__wrapped__(ks, rows, 9000, None, None, EPS)
+    assert m.tolist()[:2] == [inf, -inf] and np.isnan(m[2]) and m[3] == 1.0
+    assert np.isnan(r[:3]).all() and np.isfinite(r[3])
+    _, m, r = NB.group_norm_forward.__wrapped__(ks, rows.reshape(4, 2, 4500), 2, None, None, EPS)
+    assert np.array_equal(m.ravel(), [1, inf, -inf, 1, inf, -inf, 1, 1], equal_nan=True)
+    cols = np.ones((600, 1100))                     # chunks of rows, tiles of columns
+    cols[0, 5], cols[500, 700], cols[0, 9], cols[500, 9] = inf, -inf, inf, -inf
+    _, m, v, _ = NB.batch_norm_forward.__wrapped__(ks, cols, None, None, EPS)
+    _, c = R.batch_norm_forward(cols, eps=EPS)
+    np.testing.assert_array_equal(m, c["mean"].ravel())
+    np.testing.assert_array_equal(v, c["var"].ravel())
+    assert m[5] == inf and m[700] == -inf and np.isnan(m[9]) and np.isnan(v[[5, 700, 9]]).all()
+
+
 def test_empty_batches_give_empty_outputs():
     x = np.zeros((0, 3, 4), F32)
     y, m, r = NB.layer_norm_forward(x, 4, np.ones(4), None, EPS)

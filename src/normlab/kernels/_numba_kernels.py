@@ -269,6 +269,17 @@ def row_shifted(x, start, n, sh):
     return s1, s2
 
 
+@njit(**INLINE)
+def chan_mean(mean, mb, d, f):
+    """Chan's merged mean ``mean + d * f``, with ``d = mb - mean`` and ``f = n_b / n``. Where d is
+    not finite (an infinite mean on either side, or an overflow) it is ``mean * (1 - f) + mb * f``
+    instead: the reference's ``sum / n`` is inf for an infinite value among finite ones, where
+    ``inf + (finite - inf) * f`` would give NaN. Finite data never takes that branch."""
+    if np.isfinite(d):
+        return mean + d * f
+    return mean * (1.0 - f) + mb * f
+
+
 @njit(**SERIAL)
 def block_moments(x, start, n):
     """``(mean, M2)`` of ``x[start:start+n]`` (n >= 1): one sweep about the mean of its first
@@ -310,7 +321,7 @@ def row_moments(x, start, n):
         else:
             tot = cnt + nb
             delta = mb - mean
-            mean += delta * (nb / tot)
+            mean = chan_mean(mean, mb, delta, nb / tot)
             m2 += m2b + delta * delta * (cnt * (nb / tot))
         cnt += nb
     return mean, m2
@@ -812,7 +823,7 @@ def merge_tile(x, b, j, R, K, gs, wd, Tr, rc, kt, w, bias, eps, mode, pm, pm2, q
             m2t = pm2[pt:pt + kw]
             for k in range(kw):
                 d = mt[k] - mean[k]
-                mean[k] += d * f
+                mean[k] = chan_mean(mean[k], mt[k], d, f)
                 m2[k] += m2t[k] + d * d * h
             cnt = tot
     for g in range(k0 // gs, (k0 + kw) // gs):
