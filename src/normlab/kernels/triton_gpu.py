@@ -200,6 +200,14 @@ def _rsum(x, axis: tl.constexpr):
 # =============================================================================================
 
 @triton.jit
+def _chan_mean(mean, mb, d, f):
+    """Chan's merged mean ``mean + d * f`` (``d = mb - mean``, ``f = n_b / n``); where d is not
+    finite (``d - d`` is NaN), ``mean * (1 - f) + mb * f``, which keeps an infinite mean infinite
+    rather than turning it into ``inf - inf`` (as ``_numba_kernels.chan_mean``)."""
+    return tl.where(d - d == 0.0, mean + d * f, mean * (1.0 - f) + mb * f)
+
+
+@triton.jit
 def _row_fwd(X, RES, S, Y, W, B, MEAN, RSTD, L, eps,
              HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
              CENTERED: tl.constexpr, LOOPED: tl.constexpr, BLOCK: tl.constexpr,
@@ -247,7 +255,7 @@ def _row_fwd(X, RES, S, Y, W, B, MEAN, RSTD, L, eps,
                 m2b = _rsum(xc * xc, axis=0)
                 tot = n + nb
                 delta = mb - mean
-                mean = mean + delta * (nb / tot)
+                mean = _chan_mean(mean, mb, delta, nb / tot)
                 m2 = m2 + m2b + delta * delta * (n * nb / tot)
                 n = tot
             else:
@@ -568,14 +576,15 @@ def _finalize_fwd(MEAN_P, M2_P, W, B, MEAN, VAR, RSTD, MU_C, A_C, C0_C, P, C, G,
             m2b = tl.load(M2_P + off, mask=cm, other=0.0).to(ACC)
             tot = n + cnt
             d = mb - mc
-            mc = mc + d * (cnt / tot)
+            mc = _chan_mean(mc, mb, d, cnt / tot)
             m2c = m2c + m2b + d * d * (n * cnt / tot)
             n = tot
         # the gs channels of a group hold n values each: equal-count merge
         mean = _rsum(tl.where(cm, mc, 0.0), axis=1) / gs
         dev = tl.where(cm, mc - mean[:, None], 0.0)
         var = (_rsum(tl.where(cm, m2c, 0.0), axis=1) + n * _rsum(dev * dev, axis=1)) / (n * gs)
-        var = tl.maximum(var, 0.0)                      # shifted sums can round below 0
+        # shifted sums can round below 0; NaN stays NaN (tl.maximum would return the 0)
+        var = tl.where(var < 0.0, 0.0, var)
     rstd = 1.0 / tl.sqrt(var + eps)
     out = b * G + g
     tl.store(MEAN + out, mean.to(MEAN.dtype.element_ty), mask=gm)
