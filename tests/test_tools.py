@@ -356,6 +356,18 @@ def test_recalibrate_errors_name_the_fix():
     assert "forward" not in model[1].__dict__ and not model.training  # restored even on error
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_recalibrate_refuses_non_finite_statistics_and_writes_nothing(bad):
+    model = _small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 2, 5, 5)
+    x[1, 0, 2, 2] = bad                  # a conv spreads it over channels of the BN that follows
+    with pytest.raises(ValueError, match=r"non-finite values \(channel \d+: mean (inf|-inf|nan)"):
+        nl.recalibrate_batchnorm(model, [torch.randn(4, 2, 5, 5), x])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 # ============================================================================ adapt_batchnorm (AdaBN)
 
 

@@ -686,7 +686,11 @@ class _Moments:
             return
         n = self.n + nb
         delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
+        f = nb / n
+        # where delta is not finite (an infinite mean), the weighted sum keeps inf where the
+        # difference form gives inf - inf = NaN (as the kernels' Chan merge)
+        self.mean = torch.where(torch.isfinite(delta), self.mean + delta * f,
+                                self.mean * (1.0 - f) + mb * f)
         self.m2 = self.m2 + m2b + delta ** 2 * (self.n * nb / n)
         self.n = n
 
@@ -734,12 +738,22 @@ def _population_statistics(model, data, num_batches, what):
             m.training = mode
     if seen == 0:
         raise ValueError(f"{what}: data yielded no batches; pass a non-empty iterable of inputs")
+    for q, m in bns:                      # every check before any buffer is written
+        s = stats[m]
+        if s.n < 2:
+            raise ValueError(f"{what}: {q} saw {s.n} value(s) per channel; the unbiased variance "
+                             f"needs at least 2: pass more data")
+        bad = ~(torch.isfinite(s.mean) & torch.isfinite(s.m2))
+        if bad.any():
+            c = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"{what}: {q} saw non-finite values (channel {c}: mean {float(s.mean[c])}, variance "
+                f"{float(s.m2[c] / (s.n - 1))}; {int(bad.sum())} channel(s) in all); its running "
+                f"statistics are left unchanged: find the inf/NaN in the data or the layers before "
+                f"it")
     with torch.no_grad():
         for q, m in bns:
             s = stats[m]
-            if s.n < 2:
-                raise ValueError(f"{what}: {q} saw {s.n} value(s) per channel; the unbiased variance "
-                                 f"needs at least 2: pass more data")
             m.running_mean.copy_(s.mean.to(m.running_mean.dtype))
             m.running_var.copy_((s.m2 / (s.n - 1)).to(m.running_var.dtype))
             if m.num_batches_tracked is not None:
