@@ -628,14 +628,18 @@ def test_float32_large_offset_row_and_group_norms_at_least_as_accurate_as_torch(
         assert _err(y, yr) <= max(_err(yt, yr), 1e-5)
 
 
-def test_a_shift_far_out_or_non_finite_falls_back_to_two_pass():
+@pytest.mark.parametrize("width, far, inf", [(8, [3], [5]), (1100, [3, 600, 1090], [5, 1030])],
+                         ids=["narrow", "strips"])
+def test_a_shift_far_out_or_non_finite_falls_back_to_two_pass(width, far, inf):
     """The one-sweep moments sum about the mean of a block's first values (``_numba_kernels``):
     outliers there, or a non-finite value, send the block (column) to the two-pass, so the
-    statistics stay as accurate as the reference's and non-finite values give its results."""
-    n = 4096
-    x = data((n, 8), F64, offset=1.0, scale=1e-3)
-    x[:4, 3] = 1e8                     # the shift of column 3 (and row 3 below) lies far out
-    x[0, 5] = np.inf                   # a non-finite shift: mean inf, var NaN as two-pass gives
+    statistics stay as accurate as the reference's and non-finite values give its results.
+    1100 columns: the column kernels sweep such chunks in strips of ``SWEEP_LANES_MAX`` lanes
+    (512, 512, 76), each redoing its own columns."""
+    n = 4096 if width < 100 else 512
+    x = data((n, width), F64, offset=1.0, scale=1e-3)
+    x[:4, far] = 1e8                   # the shift of these columns (and rows below) lies far out
+    x[0, inf] = np.inf                 # a non-finite shift: mean inf, var NaN as two-pass gives
     _, c = R.batch_norm_forward(x, eps=EPS)
     for ks in (NB._k.SERIAL_KERNELS, NB._k.PARALLEL_KERNELS):
         y, m, v, r = NB.batch_norm_forward.__wrapped__(ks, x, None, None, EPS)
@@ -648,8 +652,8 @@ def test_a_shift_far_out_or_non_finite_falls_back_to_two_pass():
     _, c = R.layer_norm_forward(rows, n, eps=EPS)
     for ks in (NB._k.SERIAL_KERNELS, NB._k.PARALLEL_KERNELS):
         y, m, r = NB.layer_norm_forward.__wrapped__(ks, rows, n, None, None, EPS)
-        assert np.isinf(m[5]) and np.isnan(r[5])
-        ok = np.arange(8) != 5
+        assert np.isinf(m[inf]).all() and np.isnan(r[inf]).all()
+        ok = ~np.isin(np.arange(width), inf)
         np.testing.assert_allclose(m[ok], c["mean"].ravel()[ok], rtol=1e-14)
         np.testing.assert_allclose(r[ok], c["rstd"].ravel()[ok], rtol=1e-13)
 

@@ -21,9 +21,9 @@ convert exactly). Moments are taken per cache-sized block and blocks merge with 
     mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
 
 Within a block, one sweep sums ``d = x - s`` and ``d^2`` about a *shift* ``s``, the mean of the
-block's first few values (per column for the column kernels, whose chunks wider than
-``SWEEP_LANES_MAX`` lanes stay two-pass; rows shorter than ``SWEEP_ROW_MIN`` values are always
-two-pass, see there): ``mean = s + sum(d) / n``,
+block's first few values (per column for the column kernels, which sweep chunks wider than
+``SWEEP_LANES_MAX`` lanes in strips of that many; rows shorter than ``SWEEP_ROW_MIN`` values
+are always two-pass, see there): ``mean = s + sum(d) / n``,
 ``M2 = sum(d^2) - sum(d)^2 / n``. The subtraction loses ``log2(sum(d^2) / M2)`` bits, a fraction
 of one when ``s`` is near the block's mean, however large the common offset (mean 1e4, std 1
 loses nothing). A block (a column of a chunk) whose shift lies far out (``M2 < sum(d^2) / 16``,
@@ -77,9 +77,9 @@ SHIFT_KEEP = 1.0 / 16.0
 #: standard deviation from the mean on average, so the two-pass redo is rare (Gaussian data: a
 #: shift 3.9 standard deviations out, about 1e-14)
 SHIFT_FROM = 4
-#: column kernels: chunks of wide rows up to this many lanes take the one sweep; wider ones stay
-#: two-pass, which measured faster there (pass 1 alone, float32, 2 threads: 1.1-1.5x faster
-#: with the sweep at 64-512 lanes, 0.6-0.7x at 1024 and 2048 lanes)
+#: column kernels: the one sweep runs over at most this many lanes at a time; wider chunks sweep
+#: in strips (pass 1 alone, float32, 2 threads, against two passes: 1.1-1.5x as fast at 64-512
+#: lanes, 0.6-0.7x over whole chunks of 1024 and 2048 lanes, 1.15-1.2x in strips of 512)
 SWEEP_LANES_MAX = 512
 #: row kernels: rows shorter than this take the two-pass moments (sum, then squared deviations,
 #: the second pass from L1), which measured faster than the one sweep there and slower above
@@ -158,29 +158,6 @@ def acc_shifted(x, start, nr, ld, w, sh, a1, a2):
             d = np.float64(seg[k]) - sh[k]
             a1[k] += d
             a2[k] += d * d
-
-
-@njit(**SERIAL)
-def acc_dev2(x, start, nr, ld, w, m, acc):
-    """``acc[k] += sum_r (x[start + r*ld + k] - m[k])^2`` in float64."""
-    r = 0
-    while r + 4 <= nr and ld > w:
-        o = start + r * ld
-        s0, s1, s2, s3 = rows4(x, o, ld, w)
-        for k in range(w):
-            mk = m[k]
-            d0 = np.float64(s0[k]) - mk
-            d1 = np.float64(s1[k]) - mk
-            d2 = np.float64(s2[k]) - mk
-            d3 = np.float64(s3[k]) - mk
-            acc[k] = (((acc[k] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
-        r += 4
-    for r in range(r, nr):
-        o = start + r * ld
-        seg = x[o:o + w]
-        for k in range(w):
-            d = np.float64(seg[k]) - m[k]
-            acc[k] += d * d
 
 
 @njit(**SERIAL)
@@ -672,9 +649,9 @@ def row_seg_backward(dy, x, R, S, Ls, P, T, per, w, mean, rstd, mode, t_mg, t_mg
 # fixed by the shape alone, so results never depend on the thread count:
 #
 # 1. ``chunk_moments``: per-column ``(mean, M2)`` of one chunk in float64: one sweep about the
-#    mean of the chunk's first rows up to ``SWEEP_LANES_MAX`` lanes (a column where that is
-#    ill-conditioned is redone two-pass), two-pass beyond; the second pass re-reads the chunk
-#    (at most 256 KiB) from L2; narrow slabs read ``m`` rows as one wide row;
+#    mean of the chunk's first rows, in strips of up to ``SWEEP_LANES_MAX`` lanes (a column
+#    where that is ill-conditioned is redone two-pass, re-reading the chunk, at most 256 KiB,
+#    from L2); narrow slabs read ``m`` rows as one wide row;
 # 2. ``merge_tile``: chunks merge with Chan's formula in chunk order; columns fold into groups
 #    (``mean_g = mean of the column means``, ``M2_g = sum M2_k + R * sum (mean_k - mean_g)^2``);
 #    per-column coefficients are written in x's dtype;
@@ -743,18 +720,17 @@ def chunk_moments(x, b, t, j, R, K, rc, kt, m, pm, pm2, p0):
     if W <= SWEEP_LANES_MAX:
         shifted_chunk(x, start, tail, nr, nw, K, kw, m, W, mch, m2ch)
         return
-    acc = np.zeros(W)
-    acc_sum(x, start, nw, m * K, W, acc)
-    acc_sum(x, tail, nr - nw * m, K, kw, acc)
-    fold_lanes(acc, m, kw, mch)
-    for k in range(kw):
-        mch[k] = mch[k] / nr
-    mrep = np.empty(W)
-    tile_into(mrep, mch, 0, kw, W)
-    acc[:] = 0.0
-    acc_dev2(x, start, nw, m * K, W, mrep, acc)
-    acc_dev2(x, tail, nr - nw * m, K, kw, mrep, acc)
-    fold_lanes(acc, m, kw, m2ch)
+    # Wider tiles sweep in strips of SWEEP_LANES_MAX columns, each over all the chunk's rows
+    # (m == 1 here: m > 1 only where m * K <= COL_WIDE lanes). A sweep over a whole tile of 1024
+    # lanes measured slower than two passes over it (its float64 accumulators and shifts no
+    # longer fit in L1 beside the streamed rows); strips of 512 measured faster than both. Pass
+    # 1 of channels-last BatchNorm, 2 threads, old (two passes) and new kernels interleaved in
+    # one process: (32, 2048, 7, 7) float32 689-698 -> 577-581 us, (32, 1024, 14, 14) 1402-1434
+    # -> 1212-1215 us, float64 1227-1242 -> 1010 and 2596-2616 -> 2091-2134 us.
+    for s0 in range(0, kw, SWEEP_LANES_MAX):
+        n = min(SWEEP_LANES_MAX, kw - s0)
+        shifted_chunk(x, start + s0, tail + s0, nr, nr, K, n, 1, n, mch[s0:s0 + n],
+                      m2ch[s0:s0 + n])
 
 
 @njit(**SERIAL)
