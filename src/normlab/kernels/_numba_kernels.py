@@ -953,10 +953,9 @@ def chunk_sums(dy, x, b, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm, p0):
         # adds a column's rows in order), with a third of the float64 accumulators in L1. Whole
         # BatchNorm backward, channels-last, 2 threads, old and new interleaved: (32, 2048, 7, 7)
         # float32 2459-2513 -> 2188-2255 us, (32, 1024, 14, 14) 4756-4903 -> 4436-4580 us
-        n0 = min(W, SWEEP_LANES_MAX)
-        a_dy = np.empty(n0)
-        a_dyxm = np.empty(n0)
-        a_xm = np.empty(n0)
+        a_dy = np.empty(SWEEP_LANES_MAX)
+        a_dyxm = np.empty(SWEEP_LANES_MAX)
+        a_xm = np.empty(SWEEP_LANES_MAX)
         for s0 in range(0, kw, SWEEP_LANES_MAX):
             n = min(SWEEP_LANES_MAX, kw - s0)
             a_dy[:] = 0.0
@@ -1154,10 +1153,12 @@ def col_backward_chunks(dy, x, B, R, K, gs, wd, w, mean, rstd, training, need_su
 
 # ==============================================================================================
 # Serial twins. Each parallel kernel above is also compiled without ``parallel=True`` (its
-# ``prange`` loops then run as plain loops over the same tasks), for inputs too small to repay
-# a parallel region: starting one costs a few microseconds on an idle machine and far more on a
-# busy one, more than such an input's whole work. The twin runs the very same code over the
-# same task partition, so its results are bit-identical to the parallel kernel's (tested).
+# ``prange`` loops then run as plain loops over the tasks), for inputs too small to repay a
+# parallel region: starting one costs a few microseconds on an idle machine and far more on a
+# busy one, more than such an input's whole work. The twin runs the very same code, over the
+# same task partition wherever results depend on it (per-task partial sums; elsewhere the row
+# kernels' twins take one task, ``numba_cpu._row_tasks``), so its results are bit-identical to
+# the parallel kernel's (tested).
 # The twin is a copy of the Python function under another qualified name, so numba's on-disk
 # cache (keyed by qualified name and line) keeps the two compilations apart.
 # ==============================================================================================

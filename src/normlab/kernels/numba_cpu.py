@@ -94,9 +94,10 @@ BN_ROW_MIN_INNER = 32
 #: of the other threads: a few microseconds on an idle machine, but on a busy one (or right
 #: after torch's own OpenMP pool ran, its threads still spinning) it was measured at 16-24 ms
 #: per region on 2 cores, against 0.1-0.4 ms for the same (16, 32, 16, 16) batch norm on one
-#: thread. torch avoids the same trap with grain sizes. The twins run the same tasks, so every
-#: result is the same on either side of this bound (tested). At 1 << 18 (was 1 << 19), decode
-#: LayerNorm 64x4096 fp32 (1 MiB) runs on both cores: in three interleaved bench runs its
+#: thread. torch avoids the same trap with grain sizes. The twins run the same tasks where
+#: results depend on them (``_row_tasks``), so every result is the same on either side of this
+#: bound (tested). At 1 << 18 (was 1 << 19), decode LayerNorm 64x4096 fp32 (1 MiB) runs on both
+#: cores: in three interleaved bench runs its
 #: forward went from x0.57-0.66 of torch to x0.84-0.86, its backward from x0.56-0.68 to
 #: x0.94-0.95, RMSNorm's forward from x1.20-1.32 to x1.46-1.71.
 SERIAL_BELOW = 1 << 18
