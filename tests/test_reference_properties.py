@@ -162,6 +162,16 @@ def test_chan_merge_of_random_splits_equals_summary_of_the_whole(seed, n, n_cuts
     assert np.all(merged[2] >= 0)
 
 
+def test_chan_merge_of_an_infinite_block_gives_the_wholes_mean_in_either_order():
+    x = np.ones((10, 3))
+    x[7, 0], x[2, 1], x[8, 1] = np.inf, np.inf, -np.inf     # feature 1: +inf and -inf
+    a, b = R.summarize(x[:5], axes=(0,)), R.summarize(x[5:], axes=(0,))
+    whole = R.summarize(x, axes=(0,))
+    for merged in (R.chan_merge(a, b), R.chan_merge(b, a)):
+        np.testing.assert_array_equal(merged[1], whole[1])   # inf, NaN, 1
+        assert np.isnan(merged[2][:2]).all() and merged[2][2] == 0.0
+
+
 @PROPERTY
 @given(seed=st.integers(0, 2**32 - 1), n_blocks=st.integers(1, 6), features=st.integers(1, 5))
 def test_chan_merge_with_per_feature_counts(seed, n_blocks, features):

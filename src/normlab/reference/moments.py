@@ -85,7 +85,11 @@ def chan_merge(a, b):
     n = n_a + n_b
     safe_n = np.where(n > 0, n, 1.0)
     delta = mean_b - mean_a                                  # (...)
-    mean = mean_a + delta * (n_b / safe_n)                   # (...)
+    f = n_b / safe_n
+    # an infinite mean on either side: the weighted sum gives the union's sum / n (inf, or NaN
+    # for +inf with -inf) where ``inf + (finite - inf) * f`` would give NaN in one order only
+    with np.errstate(invalid="ignore"):
+        mean = np.where(np.isfinite(delta), mean_a + delta * f, mean_a * (1.0 - f) + mean_b * f)
     m2 = np.asarray(m2_a) + np.asarray(m2_b) + delta**2 * (n_a * n_b / safe_n)
     mean = np.where(n > 0, mean, 0.0)
     m2 = np.where(n > 0, m2, 0.0)
