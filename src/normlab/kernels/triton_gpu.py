@@ -417,6 +417,14 @@ def _sum_partials(DWP, DBP, DW, DB, P, L, NEED_DW: tl.constexpr, NEED_DB: tl.con
 # =============================================================================================
 
 @triton.jit
+def _finite_or_zero(shift):
+    """The shift of the shifted sums, or 0 where it is not finite (an inf or NaN in the first
+    tile): the sums about 0 then give the reference's mean (inf for an inf among finite values,
+    NaN for +inf with -inf or a NaN) and a NaN M2, where ``x - inf`` would make both NaN."""
+    return tl.where(shift - shift == 0.0, shift, 0.0)
+
+
+@triton.jit
 def _plane_moments(X, MEAN, M2, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                    ACC: tl.constexpr):
     """Per row (plane) of an (R, S) array: mean and sum of squared deviations.
@@ -429,7 +437,7 @@ def _plane_moments(X, MEAN, M2, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constex
     cols = tl.arange(0, BLOCK_S)
     msk = rm[:, None] & (cols < S)[None, :]
     x = tl.load(X + base[:, None] + cols[None, :], mask=msk, other=0.0).to(ACC)
-    shift = _rsum(x, axis=1) / tl.minimum(S, BLOCK_S)
+    shift = _finite_or_zero(_rsum(x, axis=1) / tl.minimum(S, BLOCK_S))
     xs = tl.where(msk, x - shift[:, None], 0.0)
     acc = xs
     acc2 = xs * xs
@@ -488,7 +496,7 @@ def _col_moments(X, MEAN_P, M2_P, M, K, rows_per_prog, P, BLOCK_M: tl.constexpr,
     msk = (rows < r1)[:, None] & km[None, :]
     x = tl.load(X + slab + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=msk,
                 other=0.0).to(ACC)
-    shift = _rsum(x, axis=0) / tl.minimum(r1 - r0, BLOCK_M)
+    shift = _finite_or_zero(_rsum(x, axis=0) / tl.minimum(r1 - r0, BLOCK_M))
     xs = tl.where(msk, x - shift[None, :], 0.0)
     acc = xs
     acc2 = xs * xs
