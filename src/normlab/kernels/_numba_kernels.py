@@ -953,19 +953,15 @@ def chunk_sums(dy, x, b, t, j, R, K, gs, rc, kt, m, mean, ps, psx, psm, p0):
         # adds a column's rows in order), with a third of the float64 accumulators in L1. Whole
         # BatchNorm backward, channels-last, 2 threads, old and new interleaved: (32, 2048, 7, 7)
         # float32 2459-2513 -> 2188-2255 us, (32, 1024, 14, 14) 4756-4903 -> 4436-4580 us
-        a_dy = np.empty(SWEEP_LANES_MAX)
-        a_dyxm = np.empty(SWEEP_LANES_MAX)
-        a_xm = np.empty(SWEEP_LANES_MAX)
+        # (the partials themselves are the accumulators, as the strips' outputs in chunk_moments)
+        ps[p0:p0 + kw] = 0.0
+        psx[p0:p0 + kw] = 0.0
+        psm[p0:p0 + kw] = 0.0
         for s0 in range(0, kw, SWEEP_LANES_MAX):
             n = min(SWEEP_LANES_MAX, kw - s0)
-            a_dy[:] = 0.0
-            a_dyxm[:] = 0.0
-            a_xm[:] = 0.0
-            acc_bwd(dy, x, start + s0, nr, K, n, mloc[s0:s0 + n], a_dy, a_dyxm, a_xm)
-            for k in range(n):
-                ps[p0 + s0 + k] = a_dy[k]
-                psx[p0 + s0 + k] = a_dyxm[k]
-                psm[p0 + s0 + k] = a_xm[k]
+            q = p0 + s0
+            acc_bwd(dy, x, start + s0, nr, K, n, mloc[s0:s0 + n], ps[q:q + n], psx[q:q + n],
+                    psm[q:q + n])
         return
     a_dy = np.zeros(W)
     a_dyxm = np.zeros(W)
